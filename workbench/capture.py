@@ -1,0 +1,141 @@
+"""Captured activations as data.
+
+``CaptureAccumulator`` collects one request's rows inside a worker, step by
+step (prefill chunks, then one row per decode step). ``CaptureHandle`` is what
+the caller holds: the request's identity and token ids, and after
+``VLLMSteerModel.fetch_captures_batch`` its tensors. A handle releases its
+data when closed or garbage-collected, fetched or not.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from workbench.errors import CaptureError, HandleReleasedError
+
+logger = logging.getLogger(__name__)
+
+
+class CaptureAccumulator:
+    """Rows of one request at some layers, kept in sequence order.
+
+    A chunk starting before the rows already held (vLLM recomputing a
+    preempted request) replaces what it overlaps; a chunk starting after them
+    marks the capture as having a gap, which ``assemble`` reports.
+    """
+
+    def __init__(self, layers: tuple[int, ...]) -> None:
+        self.layers = layers
+        self._chunks: dict[int, list[tuple[int, Tensor]]] = {layer: [] for layer in layers}
+        self._length: dict[int, int] = dict.fromkeys(layers, 0)
+        self.gap: str | None = None
+
+    def add(self, layer: int, first_position: int, rows: Tensor) -> None:
+        chunks = self._chunks[layer]
+        if first_position < self._length[layer]:
+            while chunks and chunks[-1][0] >= first_position:
+                chunks.pop()
+            if chunks:
+                start, last = chunks[-1]
+                chunks[-1] = (start, last[: first_position - start])
+            self._length[layer] = first_position
+        elif first_position > self._length[layer] and self.gap is None:
+            self.gap = f"layer {layer}: rows {self._length[layer]}..{first_position - 1} were never computed"
+        chunks.append((first_position, rows))
+        self._length[layer] = first_position + rows.shape[0]
+
+    def assemble(self) -> dict[int, Tensor]:
+        """One ``[tokens, hidden]`` tensor per layer."""
+        return {layer: torch.cat([rows for _, rows in chunks]) for layer, chunks in self._chunks.items()}
+
+
+@dataclass(frozen=True)
+class MessageBoundary:
+    """Where one chat message sits in the formatted prompt (token rows ``[start, end)``)."""
+
+    role: str
+    content: str
+    start: int
+    end: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(eq=False)
+class CaptureHandle:
+    """One request's capture. ``captures[layer][0]["hidden"]`` is a CPU tensor of
+    shape ``[prompt_tokens + generated_tokens - 1, hidden_size]`` (prefill rows,
+    then one row per decode step; the last sampled token is never run through
+    the model). The list has one entry because tensor-parallel ranks hold the
+    same residual stream; only rank 0 records it.
+    """
+
+    request_id: str
+    capture_id: str
+    layer_indices: tuple[int, ...]
+    prompt_token_ids: tuple[int, ...]
+    generated_token_ids: tuple[int, ...] = ()
+    message_boundaries: tuple[MessageBoundary, ...] = ()
+    _data: dict[int, Tensor] | None = field(default=None, repr=False)
+    _released: bool = field(default=False, repr=False)
+    _finalizer: weakref.finalize | None = field(default=None, repr=False)
+
+    def _attach_release(self, release: Callable[[str], None]) -> None:
+        """Arrange for the worker-side rows to be freed if this handle is dropped unfetched."""
+        self._finalizer = weakref.finalize(self, release, self.capture_id)
+
+    @property
+    def expected_rows(self) -> int:
+        return len(self.prompt_token_ids) + max(len(self.generated_token_ids) - 1, 0)
+
+    @property
+    def is_fetched(self) -> bool:
+        return self._data is not None
+
+    def _set_data(self, data: dict[int, Tensor]) -> None:
+        if self._finalizer is not None:
+            self._finalizer.detach()  # worker rows are gone once fetched
+        missing = set(self.layer_indices) - set(data)
+        if missing:
+            raise CaptureError(f"capture {self.capture_id} came back without layers {sorted(missing)}")
+        for layer, hidden in data.items():
+            if hidden.shape[0] != self.expected_rows:
+                raise CaptureError(
+                    f"capture {self.capture_id} layer {layer} has {hidden.shape[0]} rows, "
+                    f"expected {self.expected_rows} (prompt {len(self.prompt_token_ids)} + "
+                    f"generated {len(self.generated_token_ids)} - 1)"
+                )
+        self._data = data
+
+    @property
+    def captures(self) -> dict[int, list[dict[str, Tensor]]]:
+        """``{layer: [{"hidden": tensor}]}``; raises until fetched and after ``close()``."""
+        if self._released:
+            raise HandleReleasedError(f"capture handle {self.capture_id} was closed")
+        if self._data is None:
+            raise HandleReleasedError(
+                f"capture handle {self.capture_id} is not fetched yet; "
+                "call `await model.fetch_captures_batch(handles)` first"
+            )
+        return {layer: [{"hidden": hidden}] for layer, hidden in self._data.items()}
+
+    def hidden(self, layer: int) -> Tensor:
+        """Shortcut for ``captures[layer][0]["hidden"]`` with a clear error for a layer not captured."""
+        if layer not in self.layer_indices:
+            raise CaptureError(f"layer {layer} was not captured; captured layers: {list(self.layer_indices)}")
+        return self.captures[layer][0]["hidden"]
+
+    def close(self) -> None:
+        """Free this capture's memory here and in the workers."""
+        self._data = None
+        self._released = True
+        if self._finalizer is not None:
+            self._finalizer()

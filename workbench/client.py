@@ -1,0 +1,488 @@
+"""The client API: ``VLLMSteerModel`` over vLLM's ``AsyncLLM``.
+
+No tensor math here: specs are validated and encoded, requests are tagged
+with their steering slot and capture id, and captured rows are fetched from
+the workers. Steering state is a value (a ``SteeringSpec``): each request
+snapshots the state current when it is submitted (or takes its own
+``steering_spec=``), so setters neither wait for nor alter requests in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import uuid
+import weakref
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load as load_tensors
+from torch import Tensor
+
+from workbench import __version__
+from workbench import _vllm_internals as vi
+from workbench.capture import CaptureHandle
+from workbench.embedded import DEFAULT_MODEL_NAME, resolve_model_name
+from workbench.errors import (
+    CaptureError,
+    EngineClosedError,
+    HandleReleasedError,
+    LayerIndexError,
+    SpecError,
+    WorkbenchError,
+)
+from workbench.slots import SlotTable
+from workbench.specs import AblationSpec, AddSpec, ProjectionCapSpec, SteeringSpec
+from workbench.worker import (
+    INNER_LOAD_FORMAT_KEY,
+    LOAD_FORMAT,
+    SETTINGS_KEY,
+    encode_spec,
+    request_payload,
+)
+
+logger = logging.getLogger(__name__)
+
+_RUNTIME_SOURCES = ("ops.py", "layer.py", "worker.py", "_vllm_internals.py")
+
+
+def runtime_salt() -> str:
+    """Hash of the code that runs inside vLLM's forward. It goes into vLLM's
+    ``additional_config`` and hence into its compile-cache key, so a steered
+    engine never reuses a graph compiled without (or with older) steering
+    code, and plain vLLM never picks up ours."""
+    digest = hashlib.sha256(__version__.encode())
+    here = Path(__file__).parent
+    for name in _RUNTIME_SOURCES:
+        digest.update((here / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class VLLMSteeringConfig:
+    """Engine settings. ``model_name`` is a Hugging Face name or path, or the
+    embedded default ``smollm2-135m-instruct``."""
+
+    model_name: str = DEFAULT_MODEL_NAME
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    max_model_len: int = 2048
+    dtype: str = "auto"
+    max_steering_slots: int = 64
+    """Distinct steering specs that can run at once (requests beyond it wait)."""
+    load_format: str = "auto"
+    """vLLM load format of the weights (``dummy`` for benchmarks)."""
+    seed: int = 0
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Further ``AsyncEngineArgs`` fields."""
+
+
+class VLLMSteerModel:
+    """A vLLM engine with per-layer steering and activation capture.
+
+    Args:
+        cfg: engine settings (default: the embedded model).
+        bootstrap_layers: accepted for compatibility with the chatspace API;
+            every layer is steerable and capturable from start-up.
+        enforce_eager: ``None`` picks the faster mode for the platform (eager on
+            CPU, where compiling takes minutes for little gain; CUDA graphs on
+            GPUs); ``True``/``False`` are honoured.
+        **engine_kwargs: further ``AsyncEngineArgs`` fields.
+
+    Example::
+
+        model = VLLMSteerModel(VLLMSteeringConfig())
+        await model.set_layer_vector(4, torch.randn(model.hidden_size) * 8)
+        texts = await model.generate("Once upon a time", SamplingParams(max_tokens=16))
+    """
+
+    def __init__(
+        self,
+        cfg: VLLMSteeringConfig | None = None,
+        bootstrap_layers: Sequence[int] | None = None,
+        enforce_eager: bool | None = None,
+        **engine_kwargs: Any,
+    ) -> None:
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.cfg = cfg = cfg or VLLMSteeringConfig()
+        # vLLM reads these when it starts its engine processes, which inherit them.
+        for key, value in vi.engine_env().items():
+            os.environ.setdefault(key, value)
+        if enforce_eager is None:
+            enforce_eager = vi.is_cpu_platform()
+        self.enforce_eager = enforce_eager
+        self._model_path = resolve_model_name(cfg.model_name)
+        args = AsyncEngineArgs(
+            model=self._model_path,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            max_model_len=cfg.max_model_len,
+            dtype=cfg.dtype,
+            seed=cfg.seed,
+            enforce_eager=enforce_eager,
+            load_format=LOAD_FORMAT,
+            model_loader_extra_config={INNER_LOAD_FORMAT_KEY: cfg.load_format},
+            worker_extension_cls="workbench.worker.WorkbenchWorkerExtension",
+            additional_config={
+                SETTINGS_KEY: {"num_slots": cfg.max_steering_slots, "runtime": runtime_salt()}
+            },
+            **{**cfg.engine_kwargs, **engine_kwargs},
+        )
+        self._engine = AsyncLLM.from_engine_args(args)
+        model_config = self._engine.model_config
+        self._hidden_size = model_config.get_hidden_size()
+        self._layer_count = model_config.get_total_num_hidden_layers()
+        self._prefix_caching = bool(self._engine.vllm_config.cache_config.enable_prefix_caching)
+        self._spec = SteeringSpec()
+        self._stack: list[SteeringSpec] = []
+        self._target_layer: int | None = None
+        self._slots = SlotTable(cfg.max_steering_slots, self._load_slot)
+        self._setup_done = False
+        self._setup_lock = asyncio.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending_releases: set[str] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closed = False
+        if bootstrap_layers is not None:
+            for layer in bootstrap_layers:
+                self._check_layer(layer)
+
+    # -- properties --------------------------------------------------------
+
+    @property
+    def hidden_size(self) -> int:
+        return self._hidden_size
+
+    @property
+    def layer_count(self) -> int:
+        return self._layer_count
+
+    @property
+    def model_name(self) -> str:
+        """The name or path the engine loaded (the converted checkpoint for the embedded model)."""
+        return self._model_path
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._engine.get_tokenizer()
+
+    @property
+    def engine(self) -> Any:
+        """The underlying ``vllm.v1.engine.async_llm.AsyncLLM``."""
+        return self._engine
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def _ensure_ready(self) -> None:
+        if self._closed:
+            raise EngineClosedError("this VLLMSteerModel is closed")
+        if self._setup_done:
+            return
+        async with self._setup_lock:
+            if not self._setup_done:
+                self._loop = asyncio.get_running_loop()
+                await self._engine.collective_rpc("workbench_setup")
+                self._setup_done = True
+
+    def close(self) -> None:
+        """Shut the engine down; the model refuses further use."""
+        if not self._closed:
+            self._closed = True
+            self._engine.shutdown()
+
+    async def __aenter__(self) -> VLLMSteerModel:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- validation --------------------------------------------------------
+
+    def _check_layer(self, layer: Any) -> int:
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise LayerIndexError(f"layer index must be an int, got {layer!r}")
+        if not 0 <= layer < self._layer_count:
+            raise LayerIndexError(
+                f"layer {layer} is out of range for a model with {self._layer_count} layers "
+                f"(valid: 0..{self._layer_count - 1})"
+            )
+        return layer
+
+    def _check_spec(self, spec: Any) -> SteeringSpec:
+        if not isinstance(spec, SteeringSpec):
+            raise SpecError(f"expected a SteeringSpec, got {type(spec).__name__}")
+        spec.validate_for(self._hidden_size, self._layer_count)
+        return spec
+
+    def _capture_layers(self, capture_layers: Sequence[int] | None) -> tuple[int, ...]:
+        if capture_layers is None:
+            return ()
+        if isinstance(capture_layers, int):
+            capture_layers = [capture_layers]
+        layers = tuple(sorted({self._check_layer(layer) for layer in capture_layers}))
+        if not layers:
+            raise CaptureError("capture_layers is empty; pass None to capture nothing")
+        return layers
+
+    # -- generation --------------------------------------------------------
+
+    async def generate(
+        self,
+        prompts: str | Sequence[str],
+        sampling_params: Any = None,
+        capture_layers: Sequence[int] | None = None,
+        steering_spec: SteeringSpec | Sequence[SteeringSpec | None] | None = None,
+    ) -> list[str] | tuple[list[str], list[CaptureHandle]]:
+        """Generate one completion per prompt.
+
+        ``steering_spec`` is one spec for every prompt or a list with one per
+        prompt (``None`` entries use the current steering state). Returns the
+        texts, or ``(texts, handles)`` when ``capture_layers`` is given.
+        """
+        prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompt_list:
+            raise ValueError("prompts is empty")
+        for i, prompt in enumerate(prompt_list):
+            if not isinstance(prompt, str):
+                raise TypeError(f"prompts[{i}] must be a str, got {type(prompt).__name__}")
+        tokenizer = self.tokenizer
+        token_ids = [tokenizer(prompt).input_ids for prompt in prompt_list]
+        outputs = await self._generate_tokens(token_ids, sampling_params, capture_layers, steering_spec)
+        texts = [output.outputs[0].text for output, _ in outputs]
+        if capture_layers is None:
+            return texts
+        return texts, [handle for _, handle in outputs if handle is not None]
+
+    async def _generate_tokens(
+        self,
+        token_ids: list[list[int]],
+        sampling_params: Any,
+        capture_layers: Sequence[int] | None,
+        steering_spec: SteeringSpec | Sequence[SteeringSpec | None] | None,
+    ) -> list[tuple[Any, CaptureHandle | None]]:
+        """Run tokenised prompts; returns vLLM ``RequestOutput``s with their capture handles."""
+        from vllm import SamplingParams
+
+        await self._ensure_ready()
+        params = sampling_params if sampling_params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling_params must be a vllm.SamplingParams, got {type(params).__name__}")
+        layers = self._capture_layers(capture_layers)
+        if layers and params.n != 1:
+            raise CaptureError(f"capture needs SamplingParams.n == 1, got n={params.n}")
+        specs = self._per_request_specs(steering_spec, len(token_ids))
+        for i, ids in enumerate(token_ids):
+            if len(ids) >= self.cfg.max_model_len:
+                raise ValueError(
+                    f"prompt {i} has {len(ids)} tokens; max_model_len is {self.cfg.max_model_len}"
+                )
+        return list(
+            await asyncio.gather(*(self._run_request(ids, params, spec, layers) for ids, spec in zip(token_ids, specs)))
+        )
+
+    def _per_request_specs(
+        self, steering_spec: SteeringSpec | Sequence[SteeringSpec | None] | None, count: int
+    ) -> list[SteeringSpec]:
+        current = self._spec
+        if steering_spec is None or isinstance(steering_spec, SteeringSpec):
+            return [self._check_spec(steering_spec or current)] * count
+        specs = list(steering_spec)
+        if len(specs) != count:
+            raise SpecError(f"got {len(specs)} steering specs for {count} prompts")
+        return [self._check_spec(current if spec is None else spec) for spec in specs]
+
+    async def _run_request(
+        self, token_ids: list[int], params: Any, spec: SteeringSpec, layers: tuple[int, ...]
+    ) -> tuple[Any, CaptureHandle | None]:
+        capture_id = uuid.uuid4().hex if layers else None
+        request_id = f"wb-{uuid.uuid4().hex}"
+        slot = await self._slots.acquire(spec)
+        try:
+            request_params = params.clone()
+            request_params.extra_args = {
+                **(params.extra_args or {}),
+                vi.EXTRA_ARGS_KEY: request_payload(slot, capture_id, layers),
+            }
+            if layers:
+                # Cached prefix blocks are never recomputed, so their rows would be missing.
+                request_params.skip_reading_prefix_cache = True
+            prompt: dict[str, Any] = {"prompt_token_ids": token_ids}
+            if self._prefix_caching and not spec.is_empty():
+                # KV blocks computed under one steering must not serve another.
+                prompt["cache_salt"] = spec.fingerprint
+            final = None
+            async for output in self._engine.generate(prompt, request_params, request_id):
+                final = output
+        except BaseException:
+            if capture_id is not None:
+                self._release_soon(capture_id)
+            raise
+        finally:
+            await self._slots.release(slot)
+        handle = None
+        if capture_id is not None:
+            handle = CaptureHandle(
+                request_id=request_id,
+                capture_id=capture_id,
+                layer_indices=layers,
+                prompt_token_ids=tuple(final.prompt_token_ids),
+                generated_token_ids=tuple(final.outputs[0].token_ids),
+            )
+            handle._attach_release(_weak_release(self))
+        return final, handle
+
+    async def _load_slot(self, slot: int, spec: SteeringSpec) -> None:
+        await self._engine.collective_rpc("workbench_load_slot", args=(slot, encode_spec(spec)))
+
+    # -- captures ------------------------------------------------------------
+
+    async def fetch_captures_batch(self, handles: Sequence[CaptureHandle]) -> None:
+        """Fetch the captured rows of these handles from the workers in one RPC."""
+        await self._ensure_ready()
+        pending = [handle for handle in handles if not handle.is_fetched]
+        for handle in pending:
+            if handle._released:
+                raise HandleReleasedError(f"capture handle {handle.capture_id} was closed")
+        if not pending:
+            return
+        replies = await self._engine.collective_rpc(
+            "workbench_fetch_captures", args=([handle.capture_id for handle in pending],)
+        )
+        layers: dict[str, dict[int, Tensor]] = {handle.capture_id: {} for handle in pending}
+        for reply in replies:
+            for capture_id, error in reply["errors"].items():
+                raise CaptureError(f"capture {capture_id} is incomplete: {error}")
+            for key, rows in load_tensors(reply["tensors"]).items():
+                capture_id, layer = key.split("/")
+                layers[capture_id][int(layer)] = rows
+        for handle in pending:
+            found = layers[handle.capture_id]
+            if not found:
+                raise HandleReleasedError(
+                    f"capture {handle.capture_id} is unknown to this engine: already fetched "
+                    "elsewhere, released, or from another model"
+                )
+            expected = handle.expected_rows
+            handle._set_data({layer: rows[:expected] for layer, rows in found.items()})
+
+    def _release_soon(self, capture_id: str) -> None:
+        """Free a capture in the workers; safe to call from any thread or a finaliser."""
+        loop = self._loop
+        if self._closed or loop is None or loop.is_closed():
+            return
+        loop.call_soon_threadsafe(self._queue_release, capture_id)
+
+    def _queue_release(self, capture_id: str) -> None:
+        if not self._pending_releases:
+            task = asyncio.ensure_future(self._flush_releases())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        self._pending_releases.add(capture_id)
+
+    async def _flush_releases(self) -> None:
+        await asyncio.sleep(0)
+        ids, self._pending_releases = list(self._pending_releases), set()
+        if ids and not self._closed:
+            try:
+                await self._engine.collective_rpc("workbench_release_captures", args=(ids,))
+            except Exception:  # the engine is gone; its memory went with it
+                logger.warning("could not release %d captures", len(ids), exc_info=True)
+
+    async def worker_stats(self) -> list[dict[str, int]]:
+        """Per-worker counts of captures held (for leak checks)."""
+        await self._ensure_ready()
+        return await self._engine.collective_rpc("workbench_stats")
+
+    # -- steering state --------------------------------------------------------
+
+    def export_steering_spec(self) -> SteeringSpec:
+        """The current steering state (an immutable value)."""
+        return self._spec
+
+    async def apply_steering_spec(self, spec: SteeringSpec) -> None:
+        """Replace the whole steering state at once."""
+        self._spec = self._check_spec(spec)
+
+    async def _set_layer(self, layer: int, **ops: Any) -> None:
+        self._check_layer(layer)
+        await self.apply_steering_spec(self._spec.with_layer(layer, **ops))
+
+    async def set_layer_vector(self, layer_idx: int, vector: Any, scale: float = 1.0) -> None:
+        """Add ``vector * scale`` to the residual stream after layer ``layer_idx``."""
+        await self._set_layer(layer_idx, add=AddSpec(vector=vector, scale=scale))
+
+    def set_target_layer(self, layer_idx: int) -> None:
+        """Choose the layer that ``set_vector`` steers."""
+        self._target_layer = self._check_layer(layer_idx)
+
+    async def set_vector(self, vector: Any, scale: float = 1.0) -> None:
+        """``set_layer_vector`` on the layer chosen with ``set_target_layer``."""
+        if self._target_layer is None:
+            raise WorkbenchError("no target layer; call set_target_layer(layer) first")
+        await self.set_layer_vector(self._target_layer, vector, scale)
+
+    async def clear_layer_vector(self, layer_idx: int) -> None:
+        await self._set_layer(layer_idx, add=None)
+
+    async def set_layer_projection_cap(
+        self, layer_idx: int, vector: Any, min: float | None = None, max: float | None = None
+    ) -> None:
+        """Clamp the projection on ``vector`` (normalised) after layer ``layer_idx`` to ``[min, max]``."""
+        await self._set_layer(layer_idx, projection_cap=ProjectionCapSpec(vector=vector, min=min, max=max))
+
+    async def clear_layer_projection_cap(self, layer_idx: int) -> None:
+        await self._set_layer(layer_idx, projection_cap=None)
+
+    async def set_layer_ablation(self, layer_idx: int, vector: Any, scale: float = 0.0) -> None:
+        """Scale the component along ``vector`` (normalised) after layer ``layer_idx``."""
+        await self._set_layer(layer_idx, ablation=AblationSpec(vector=vector, scale=scale))
+
+    async def clear_layer_ablation(self, layer_idx: int) -> None:
+        await self._set_layer(layer_idx, ablation=None)
+
+    async def clear_all_vectors(self) -> None:
+        """Remove all steering (every op on every layer)."""
+        self._spec = SteeringSpec()
+
+    async def push_steering_spec(self, spec: SteeringSpec | None = None) -> None:
+        """Save the current state on a stack, then apply ``spec`` if given."""
+        if spec is not None:
+            self._check_spec(spec)
+        self._stack.append(self._spec)
+        if spec is not None:
+            self._spec = spec
+
+    async def pop_steering_spec(self) -> SteeringSpec:
+        """Restore the state saved by the last ``push_steering_spec``; returns the state it replaces."""
+        if not self._stack:
+            raise WorkbenchError("pop_steering_spec: the steering stack is empty")
+        replaced, self._spec = self._spec, self._stack.pop()
+        return replaced
+
+    @contextlib.asynccontextmanager
+    async def steering(self, spec: SteeringSpec) -> AsyncIterator[SteeringSpec]:
+        """Apply ``spec`` inside the block and restore the previous state after it."""
+        await self.push_steering_spec(spec)
+        try:
+            yield spec
+        finally:
+            await self.pop_steering_spec()
+
+
+def _weak_release(model: VLLMSteerModel) -> Any:
+    """A release callback that does not keep the model alive."""
+    ref = weakref.ref(model)
+
+    def release(capture_id: str) -> None:
+        target = ref()
+        if target is not None:
+            target._release_soon(capture_id)
+
+    return release

@@ -1,0 +1,52 @@
+"""Exceptions raised by workbench.
+
+    WorkbenchError                      base of everything raised on purpose
+    ├── SpecError (ValueError)          a steering spec or vector is malformed
+    │   ├── HiddenSizeError             a vector's size differs from the model's hidden size
+    │   └── LayerIndexError (IndexError) a layer index outside the model
+    ├── CaptureError                    capture requested or read wrongly
+    │   └── HandleReleasedError         a capture handle whose data was released
+    ├── ChatError (ValueError)          a conversation cannot be formatted
+    ├── EngineClosedError (RuntimeError) the model was used after close()
+    └── EmbeddedModelError (RuntimeError) the embedded model cannot be prepared
+
+Every message names the offending value, so a notebook user sees what to fix.
+"""
+
+from __future__ import annotations
+
+
+class WorkbenchError(Exception):
+    """Base class of workbench's own errors."""
+
+
+class SpecError(WorkbenchError, ValueError):
+    """A steering spec, vector or scale is malformed."""
+
+
+class HiddenSizeError(SpecError):
+    """A vector's size differs from the model's hidden size."""
+
+
+class LayerIndexError(SpecError, IndexError):
+    """A layer index is outside the model."""
+
+
+class CaptureError(WorkbenchError):
+    """A capture was requested or read in a way that cannot work."""
+
+
+class HandleReleasedError(CaptureError):
+    """The capture handle's data has been released or never fetched."""
+
+
+class ChatError(WorkbenchError, ValueError):
+    """A conversation cannot be formatted into a prompt."""
+
+
+class EngineClosedError(WorkbenchError, RuntimeError):
+    """The model was used after ``close()``."""
+
+
+class EmbeddedModelError(WorkbenchError, RuntimeError):
+    """The embedded default model cannot be prepared."""

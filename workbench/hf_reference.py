@@ -1,0 +1,154 @@
+"""Hugging Face transformers reference: the same steering ops as forward hooks.
+
+Use it to validate the vLLM runtime (as the tests do): the same model, spec
+and prompt must give the same greedy tokens and, in float32, the same
+captured residual streams. The hooks call ``workbench.ops``, the code the vLLM
+workers run, so the two backends share one implementation of the math.
+
+Example::
+
+    model, tokenizer = load_reference_model()
+    result = generate_reference(model, tokenizer("Hi").input_ids, 16, spec, capture_layers=[4])
+    result.captures[4]  # [prompt + 16 - 1, hidden]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from workbench import ops
+from workbench.embedded import DEFAULT_MODEL_NAME, resolve_model_name
+from workbench.model_layers import decoder_layer_list
+from workbench.specs import LayerSteeringSpec, SteeringSpec
+
+
+def load_reference_model(
+    model_name: str = DEFAULT_MODEL_NAME, dtype: torch.dtype = torch.float32
+) -> tuple[nn.Module, Any]:
+    """The Hugging Face model and tokenizer for ``model_name`` (embedded default resolved)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_name(model_name)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def _output_stream(output: Any) -> Tensor:
+    # Decoder layers return the residual stream, alone or first in a tuple.
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _replace_stream(output: Any, stream: Tensor) -> Any:
+    return (stream, *output[1:]) if isinstance(output, tuple) else stream
+
+
+def _layer_hook(layer_spec: LayerSteeringSpec) -> Any:
+    def hook(module: nn.Module, args: Any, output: Any) -> Any:
+        stream = _output_stream(output)
+        cast = {"dtype": stream.dtype, "device": stream.device}
+        add = layer_spec.add.effect.to(**cast) if layer_spec.add is not None else None
+        cap = layer_spec.projection_cap
+        ablation = layer_spec.ablation
+        steered = ops.apply_layer_ops(
+            stream,
+            add=add,
+            cap_direction=None if cap is None else cap.vector.to(**cast),
+            cap_min=None if cap is None else cap.min,
+            cap_max=None if cap is None else cap.max,
+            ablation_direction=None if ablation is None else ablation.vector.to(**cast),
+            ablation_scale=1.0 if ablation is None else ablation.scale,
+        )
+        return _replace_stream(output, steered)
+
+    return hook
+
+
+@contextmanager
+def steering_hooks(model: nn.Module, spec: SteeringSpec) -> Iterator[None]:
+    """Apply ``spec`` to ``model``'s decoder layers inside the block.
+
+    This mutates ``model`` (forward hooks) until the block exits.
+    """
+    layers = decoder_layer_list(model)
+    spec.validate_for(model.config.hidden_size, len(layers))
+    handles = [layers[index].register_forward_hook(_layer_hook(layer)) for index, layer in spec.layers.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def capture_hooks(model: nn.Module, layers: Sequence[int]) -> Iterator[dict[int, list[Tensor]]]:
+    """Record the residual stream after each of ``layers`` (after any steering
+    hooks registered before), one tensor per forward call."""
+    modules = decoder_layer_list(model)
+    records: dict[int, list[Tensor]] = {layer: [] for layer in layers}
+
+    def recorder(layer: int) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            records[layer].append(_output_stream(output)[0].detach().to("cpu", copy=True))
+
+        return hook
+
+    handles = [modules[layer].register_forward_hook(recorder(layer)) for layer in layers]
+    try:
+        yield records
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@dataclass(frozen=True)
+class ReferenceResult:
+    token_ids: list[int]
+    """Generated token ids (the prompt excluded)."""
+    captures: dict[int, Tensor]
+    """Layer -> ``[prompt + generated - 1, hidden]``, the layout of vLLM captures."""
+
+
+@torch.no_grad()
+def generate_reference(
+    model: nn.Module,
+    prompt_ids: Sequence[int],
+    max_new_tokens: int,
+    spec: SteeringSpec | None = None,
+    capture_layers: Sequence[int] = (),
+) -> ReferenceResult:
+    """Greedy generation with ``spec`` applied and ``capture_layers`` recorded."""
+    spec = spec or SteeringSpec()
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([list(prompt_ids)], device=device)
+    with steering_hooks(model, spec), capture_hooks(model, capture_layers) as records:
+        output = model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+        )
+    generated = output[0, input_ids.shape[1] :].tolist()
+    return ReferenceResult(
+        token_ids=generated,
+        captures={layer: torch.cat(chunks) for layer, chunks in records.items()},
+    )
+
+
+@torch.no_grad()
+def forward_reference(
+    model: nn.Module, token_ids: Sequence[int], spec: SteeringSpec | None = None, capture_layers: Sequence[int] = ()
+) -> dict[int, Tensor]:
+    """One teacher-forced forward over ``token_ids``: layer -> ``[len, hidden]`` residual stream."""
+    device = next(model.parameters()).device
+    with steering_hooks(model, spec or SteeringSpec()), capture_hooks(model, capture_layers) as records:
+        model(torch.tensor([list(token_ids)], device=device))
+    return {layer: chunks[0] for layer, chunks in records.items()}

@@ -1,0 +1,114 @@
+"""The decoder-layer wrapper that runs inside vLLM's forward pass.
+
+``SteeredDecoderLayer`` wraps one vLLM decoder layer. Its steering parameters
+live in persistent per-layer tables with one row per steering *slot* (row 0
+is neutral: zero vectors, open bounds, scale 1), and a shared per-token slot
+index says which row each token of the flattened batch uses. The worker
+fills the tables between requests and the slot index before every step, both
+in place, so the same code serves eager mode, torch.compile and CUDA graphs:
+nothing here branches on data.
+
+After the ops, the layer's residual stream is written to a persistent
+capture buffer; the worker copies each capturing request's rows out after the
+step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from workbench import ops
+
+
+@torch.library.custom_op("workbench::record_rows", mutates_args=("buffer",))
+def record_rows(rows: Tensor, buffer: Tensor) -> None:
+    """Copy ``rows`` into the first rows of ``buffer``.
+
+    A custom op so torch.compile keeps the write as one opaque in-place
+    operation on the persistent buffer (as vLLM does for its KV cache writes)
+    instead of functionalising it away.
+    """
+    buffer[: rows.shape[0]].copy_(rows)
+
+
+@record_rows.register_fake
+def _record_rows_fake(rows: Tensor, buffer: Tensor) -> None:
+    return None
+
+
+class SteeredDecoderLayer(nn.Module):
+    """A decoder layer followed by the steering ops and a capture write.
+
+    vLLM's Llama-style layers return ``(hidden_states, residual)`` whose sum is
+    the residual stream after the layer (HF ``hidden_states[i + 1]``). We
+    steer that sum and hand it on as ``(steered, zeros)``: the next layer's
+    fused add-norm then sees exactly ``steered``, and an unsteered token sees
+    exactly the sum vLLM would have formed itself.
+    """
+
+    def __init__(
+        self,
+        inner: nn.Module,
+        index: int,
+        num_slots: int,
+        slot_index: Tensor,
+        max_tokens: int,
+        hidden_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        super().__init__()
+        self.inner = inner
+        self.index = index
+        rows = num_slots + 1
+        kw: dict[str, Any] = {"dtype": dtype, "device": device}
+        self.register_buffer("add_vectors", torch.zeros(rows, hidden_size, **kw), persistent=False)
+        self.register_buffer("cap_directions", torch.zeros(rows, hidden_size, **kw), persistent=False)
+        self.register_buffer("cap_min", torch.full((rows, 1), -torch.inf, **kw), persistent=False)
+        self.register_buffer("cap_max", torch.full((rows, 1), torch.inf, **kw), persistent=False)
+        self.register_buffer("ablation_directions", torch.zeros(rows, hidden_size, **kw), persistent=False)
+        self.register_buffer("ablation_scales", torch.ones(rows, 1, **kw), persistent=False)
+        self.register_buffer("slot_index", slot_index, persistent=False)
+        self.register_buffer("captured", torch.zeros(max_tokens, hidden_size, **kw), persistent=False)
+
+    def forward(self, positions: Tensor, hidden_states: Tensor, residual: Tensor | None, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        out, residual = self.inner(positions, hidden_states, residual, *args, **kwargs)
+        stream = out + residual
+        slots = self.slot_index[: stream.shape[0]]
+        steered = ops.apply_layer_ops(
+            stream,
+            add=self.add_vectors[slots],
+            cap_direction=self.cap_directions[slots],
+            cap_min=self.cap_min[slots],
+            cap_max=self.cap_max[slots],
+            ablation_direction=self.ablation_directions[slots],
+            ablation_scale=self.ablation_scales[slots],
+        )
+        record_rows(steered, self.captured)
+        return steered, torch.zeros_like(residual)
+
+    @torch.no_grad()
+    def write_slot(self, slot: int, params: dict[str, Any] | None) -> None:
+        """Set table row ``slot`` from one layer of ``worker.decode_spec``; ``None`` makes it neutral."""
+        params = params or {}
+        add = params.get("add")
+        cap = params.get("projection_cap")
+        ablation = params.get("ablation")
+        self.add_vectors[slot] = 0.0 if add is None else add["vector"].to(self.add_vectors)
+        if cap is None:
+            self.cap_directions[slot] = 0.0
+            self.cap_min[slot] = -torch.inf
+            self.cap_max[slot] = torch.inf
+        else:
+            self.cap_directions[slot] = cap["vector"].to(self.cap_directions)
+            self.cap_min[slot] = -torch.inf if cap["min"] is None else cap["min"]
+            self.cap_max[slot] = torch.inf if cap["max"] is None else cap["max"]
+        if ablation is None:
+            self.ablation_directions[slot] = 0.0
+            self.ablation_scales[slot] = 1.0
+        else:
+            self.ablation_directions[slot] = ablation["vector"].to(self.ablation_directions)
+            self.ablation_scales[slot] = ablation["scale"]

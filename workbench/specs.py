@@ -1,0 +1,383 @@
+"""Steering specs: frozen, validated values describing what to do at each layer.
+
+A ``SteeringSpec`` maps decoder-layer indices to a ``LayerSteeringSpec``, which
+holds up to one of each op (``AddSpec``, ``ProjectionCapSpec``,
+``AblationSpec``). Specs are validated on construction (finite values,
+non-zero directions, ``min <= max``), hold private float32 CPU copies of their
+vectors, and round-trip to JSON-able dicts and to safetensors files.
+Checks that need the model (hidden size, layer range) are in
+``SteeringSpec.validate_for``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from workbench.errors import HiddenSizeError, LayerIndexError, SpecError
+
+FORMAT_VERSION = 1
+
+
+def as_vector(value: Any, name: str) -> Tensor:
+    """A private float32 CPU copy of a 1-D, finite, floating-point vector."""
+    if not isinstance(value, Tensor):
+        try:
+            value = torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise SpecError(f"{name} must be a 1-D float tensor, got {type(value).__name__}") from exc
+    if value.dtype.is_complex or not value.dtype.is_floating_point:
+        raise SpecError(f"{name} must have a floating dtype, got {value.dtype}")
+    if value.is_meta:
+        raise SpecError(f"{name} is on the meta device and has no values")
+    if value.ndim != 1 or value.numel() == 0:
+        raise SpecError(f"{name} must be a non-empty 1-D tensor, got shape {tuple(value.shape)}")
+    vector = value.detach().to(device="cpu", dtype=torch.float32).clone()
+    if not torch.isfinite(vector).all():
+        bad = int((~torch.isfinite(vector)).nonzero()[0])
+        raise SpecError(f"{name} has a non-finite value {vector[bad].item()} at index {bad}")
+    return vector
+
+
+def as_direction(value: Any, name: str) -> Tensor:
+    """``as_vector`` normalised to unit length; a zero vector has no direction."""
+    vector = as_vector(value, name)
+    norm = torch.linalg.vector_norm(vector)
+    if norm == 0 or not torch.isfinite(norm):
+        raise SpecError(f"{name} has norm {norm.item()}; a direction must be non-zero")
+    return vector / norm
+
+
+def _finite(value: Any, name: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError) as exc:
+        raise SpecError(f"{name} must be a number, got {value!r}") from exc
+    if not math.isfinite(number):
+        raise SpecError(f"{name} must be finite, got {number}")
+    return number
+
+
+def _same_vector(a: Tensor, b: Tensor) -> bool:
+    return a.shape == b.shape and torch.equal(a, b)
+
+
+@dataclass(frozen=True, eq=False)
+class AddSpec:
+    """Add ``vector * scale`` to the residual stream."""
+
+    vector: Tensor
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "vector", as_vector(self.vector, "AddSpec.vector"))
+        object.__setattr__(self, "scale", _finite(self.scale, "AddSpec.scale"))
+
+    @property
+    def effect(self) -> Tensor:
+        """The vector actually added."""
+        return self.vector * self.scale
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, AddSpec)
+            and self.scale == other.scale
+            and _same_vector(self.vector, other.vector)
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # mutable tensor inside
+
+
+@dataclass(frozen=True, eq=False)
+class ProjectionCapSpec:
+    """Clamp the projection on ``vector`` (normalised) to ``[min, max]``; ``None`` leaves a side open."""
+
+    vector: Tensor
+    min: float | None = None
+    max: float | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "vector", as_direction(self.vector, "ProjectionCapSpec.vector"))
+        low = None if self.min is None else _finite(self.min, "ProjectionCapSpec.min")
+        high = None if self.max is None else _finite(self.max, "ProjectionCapSpec.max")
+        if low is None and high is None:
+            raise SpecError("ProjectionCapSpec needs min, max or both; got neither")
+        if low is not None and high is not None and low > high:
+            raise SpecError(f"ProjectionCapSpec.min ({low}) is greater than max ({high})")
+        object.__setattr__(self, "min", low)
+        object.__setattr__(self, "max", high)
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, ProjectionCapSpec)
+            and (self.min, self.max) == (other.min, other.max)
+            and _same_vector(self.vector, other.vector)
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+@dataclass(frozen=True, eq=False)
+class AblationSpec:
+    """Scale the component along ``vector`` (normalised) by ``scale``: 0 removes it, 1 keeps it."""
+
+    vector: Tensor
+    scale: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "vector", as_direction(self.vector, "AblationSpec.vector"))
+        object.__setattr__(self, "scale", _finite(self.scale, "AblationSpec.scale"))
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, AblationSpec)
+            and self.scale == other.scale
+            and _same_vector(self.vector, other.vector)
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+_OPS: dict[str, type] = {
+    "add": AddSpec,
+    "projection_cap": ProjectionCapSpec,
+    "ablation": AblationSpec,
+}
+
+
+@dataclass(frozen=True)
+class LayerSteeringSpec:
+    """The ops of one layer, applied in the order add, projection cap, ablation."""
+
+    add: AddSpec | None = None
+    projection_cap: ProjectionCapSpec | None = None
+    ablation: AblationSpec | None = None
+
+    def __post_init__(self) -> None:
+        for name, kind in _OPS.items():
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, kind):
+                raise SpecError(
+                    f"LayerSteeringSpec.{name} must be a {kind.__name__}, got {type(value).__name__}"
+                )
+
+    def is_empty(self) -> bool:
+        return self.add is None and self.projection_cap is None and self.ablation is None
+
+    def ops(self) -> Iterator[tuple[str, AddSpec | ProjectionCapSpec | AblationSpec]]:
+        """The ops that are set, as ``(name, spec)`` pairs."""
+        for name in _OPS:
+            value = getattr(self, name)
+            if value is not None:
+                yield name, value
+
+
+@dataclass(frozen=True)
+class SteeringSpec:
+    """Steering of a whole model: layer index -> ``LayerSteeringSpec``.
+
+    Layers whose spec is empty are dropped, so two specs that steer the same
+    way compare equal. Example::
+
+        spec = SteeringSpec(layers={4: LayerSteeringSpec(add=AddSpec(vec, scale=8.0))})
+    """
+
+    layers: Mapping[int, LayerSteeringSpec] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        cleaned: dict[int, LayerSteeringSpec] = {}
+        for index, layer in dict(self.layers).items():
+            if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+                raise LayerIndexError(f"layer index must be a non-negative int, got {index!r}")
+            if not isinstance(layer, LayerSteeringSpec):
+                raise SpecError(
+                    f"layer {index} must map to a LayerSteeringSpec, got {type(layer).__name__}"
+                )
+            if not layer.is_empty():
+                cleaned[index] = layer
+        sizes = {vec.numel() for layer in cleaned.values() for _, op in layer.ops() for vec in [op.vector]}
+        if len(sizes) > 1:
+            raise HiddenSizeError(f"vectors in one SteeringSpec have different sizes: {sorted(sizes)}")
+        object.__setattr__(self, "layers", MappingProxyType(dict(sorted(cleaned.items()))))
+
+    @classmethod
+    def empty(cls) -> SteeringSpec:
+        return cls()
+
+    def is_empty(self) -> bool:
+        return not self.layers
+
+    @property
+    def hidden_size(self) -> int | None:
+        """Size of the vectors, or ``None`` for an empty spec."""
+        for layer in self.layers.values():
+            for _, op in layer.ops():
+                return op.vector.numel()
+        return None
+
+    def validate_for(self, hidden_size: int, layer_count: int) -> None:
+        """Raise if this spec cannot run on a model of this shape."""
+        for index in self.layers:
+            if index >= layer_count:
+                raise LayerIndexError(
+                    f"layer {index} is out of range for a model with {layer_count} layers "
+                    f"(valid: 0..{layer_count - 1})"
+                )
+        size = self.hidden_size
+        if size is not None and size != hidden_size:
+            raise HiddenSizeError(f"spec vectors have size {size}, the model's hidden size is {hidden_size}")
+
+    def with_layer(self, index: int, **ops: Any) -> SteeringSpec:
+        """A copy with some ops of one layer replaced (``None`` clears an op)."""
+        current = self.layers.get(index, LayerSteeringSpec())
+        layers = dict(self.layers)
+        layers[index] = replace(current, **ops)
+        return SteeringSpec(layers=layers)
+
+    def without_layer(self, index: int) -> SteeringSpec:
+        return SteeringSpec(layers={i: s for i, s in self.layers.items() if i != index})
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SteeringSpec) and self.fingerprint == other.fingerprint
+
+    def __hash__(self) -> int:
+        return hash(self.fingerprint)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """A content hash: equal specs share it; used to share engine slots and prefix-cache salts."""
+        digest = hashlib.sha256(json.dumps(self._scalars(), sort_keys=True).encode())
+        for name, tensor in self._tensors().items():
+            digest.update(name.encode())
+            digest.update(tensor.numpy().tobytes())
+        return digest.hexdigest()
+
+    # -- serialisation ---------------------------------------------------
+
+    def _scalars(self) -> dict[str, dict[str, dict[str, float | None]]]:
+        out: dict[str, dict[str, dict[str, float | None]]] = {}
+        for index, layer in self.layers.items():
+            out[str(index)] = {
+                name: {k: v for k, v in vars(op).items() if k != "vector"} for name, op in layer.ops()
+            }
+        return out
+
+    def _tensors(self) -> dict[str, Tensor]:
+        return {
+            f"layers.{index}.{name}.vector": op.vector
+            for index, layer in self.layers.items()
+            for name, op in layer.ops()
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict (vectors as lists of floats)."""
+        layers = self._scalars()
+        for index, layer in self.layers.items():
+            for name, op in layer.ops():
+                layers[str(index)][name]["vector"] = op.vector.tolist()
+        return {"format_version": FORMAT_VERSION, "layers": layers}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SteeringSpec:
+        """Inverse of ``to_dict``; raises ``SpecError`` naming what is malformed."""
+        if not isinstance(data, Mapping) or not isinstance(data.get("layers"), Mapping):
+            raise SpecError("a steering spec dict needs a 'layers' mapping")
+        version = data.get("format_version", FORMAT_VERSION)
+        if version != FORMAT_VERSION:
+            raise SpecError(f"unsupported steering spec format_version {version!r}")
+        layers: dict[int, LayerSteeringSpec] = {}
+        for key, ops in data["layers"].items():
+            try:
+                index = int(key)
+            except (TypeError, ValueError) as exc:
+                raise LayerIndexError(f"layer key {key!r} is not an integer") from exc
+            if not isinstance(ops, Mapping):
+                raise SpecError(f"layer {key!r} must map op names to parameters")
+            unknown = set(ops) - set(_OPS)
+            if unknown:
+                raise SpecError(f"layer {key!r} has unknown ops {sorted(unknown)}; known: {sorted(_OPS)}")
+            built = {}
+            for name, params in ops.items():
+                if not isinstance(params, Mapping) or "vector" not in params:
+                    raise SpecError(f"layer {key!r} op {name!r} needs a 'vector'")
+                try:
+                    built[name] = _OPS[name](**params)
+                except TypeError as exc:
+                    raise SpecError(f"layer {key!r} op {name!r}: {exc}") from exc
+            layers[index] = LayerSteeringSpec(**built)
+        return cls(layers=layers)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write a safetensors file (vectors as tensors, ops in its JSON metadata), atomically."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        metadata = {
+            "workbench_steering_spec": json.dumps(
+                {"format_version": FORMAT_VERSION, "layers": self._scalars()}
+            )
+        }
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(self._tensors(), tmp, metadata=metadata)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> SteeringSpec:
+        """Read a file written by ``save``; never executes code from the file."""
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(path)
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = (f.metadata() or {}).get("workbench_steering_spec")
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise SpecError(f"{path} is not a readable steering spec file: {exc}") from exc
+        if meta is None:
+            raise SpecError(f"{path} has no 'workbench_steering_spec' metadata")
+        try:
+            data = json.loads(meta)
+        except json.JSONDecodeError as exc:
+            raise SpecError(f"{path} has malformed spec metadata: {exc}") from exc
+        if not isinstance(data, dict) or not isinstance(data.get("layers"), dict):
+            raise SpecError(f"{path} spec metadata needs a 'layers' mapping")
+        for key, ops in data["layers"].items():
+            if not isinstance(ops, dict):
+                raise SpecError(f"{path}: layer {key!r} must map op names to parameters")
+            for name, params in ops.items():
+                tensor_name = f"layers.{key}.{name}.vector"
+                if tensor_name not in tensors or not isinstance(params, dict):
+                    raise SpecError(f"{path} is missing tensor {tensor_name!r}")
+                params["vector"] = tensors[tensor_name]
+        return cls.from_dict(data)
+
+    def __repr__(self) -> str:
+        if not self.layers:
+            return "SteeringSpec(empty)"
+        parts = []
+        for index, layer in self.layers.items():
+            ops = []
+            for name, op in layer.ops():
+                params = ", ".join(f"{k}={v:g}" for k, v in vars(op).items() if k != "vector" and v is not None)
+                ops.append(f"{name}({params})")
+            parts.append(f"{index}: " + " + ".join(ops))
+        return "SteeringSpec({" + "; ".join(parts) + "})"

@@ -1,0 +1,247 @@
+"""Worker-side runtime: installs the steered layers and serves the client's RPCs.
+
+vLLM imports this module in every worker process (it is the engine's
+``worker_extension_cls``), which registers the ``workbench`` load format.
+That loader wraps the real one and, once the weights are in, replaces each
+decoder layer by a ``SteeredDecoderLayer``, before the first forward pass (when
+torch.compile traces the model and CUDA graphs are captured).
+
+The client then talks to ``WorkbenchWorkerExtension`` through
+``collective_rpc``: ``workbench_setup`` installs the per-step hook,
+``workbench_load_slot`` writes a spec into a slot of the tables, and
+``workbench_fetch_captures`` / ``workbench_release_captures`` hand over or
+drop captured rows. Each request names its slot and capture in
+``SamplingParams.extra_args["workbench"]`` (see ``request_payload``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+from torch import Tensor, nn
+
+from workbench import _vllm_internals as vi
+from workbench.capture import CaptureAccumulator
+from workbench.layer import SteeredDecoderLayer
+from workbench.model_layers import decoder_layer_list
+from workbench.specs import SteeringSpec
+
+logger = logging.getLogger(__name__)
+
+LOAD_FORMAT = "workbench"
+INNER_LOAD_FORMAT_KEY = "workbench_inner_load_format"
+SETTINGS_KEY = "workbench"
+"""Key of our settings in ``VllmConfig.additional_config`` (also salts vLLM's compile cache)."""
+
+RELEASE_GRACE_STEPS = 4
+"""Steps a released capture stays blocked, covering steps dispatched before the release arrived."""
+
+
+# -- the wire format between client and worker -------------------------------
+
+
+def encode_spec(spec: SteeringSpec) -> dict[str, Any]:
+    """A spec as table rows for the workers: scalars as plain data, vectors as
+    safetensors bytes (vLLM's RPC transport turns bare tensors into lists)."""
+    params: dict[str, dict[str, Any]] = {}
+    tensors: dict[str, Tensor] = {}
+    for index, layer in spec.layers.items():
+        layer_params: dict[str, Any] = {}
+        if layer.add is not None:
+            tensors[f"{index}.add"] = layer.add.effect
+            layer_params["add"] = {}
+        if layer.projection_cap is not None:
+            tensors[f"{index}.projection_cap"] = layer.projection_cap.vector
+            layer_params["projection_cap"] = {"min": layer.projection_cap.min, "max": layer.projection_cap.max}
+        if layer.ablation is not None:
+            tensors[f"{index}.ablation"] = layer.ablation.vector
+            layer_params["ablation"] = {"scale": layer.ablation.scale}
+        params[str(index)] = layer_params
+    return {"params": params, "tensors": save_tensors(tensors)}
+
+
+def decode_spec(payload: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """Inverse of ``encode_spec``: layer -> op name -> params with ``vector``."""
+    tensors = load_tensors(payload["tensors"])
+    return {
+        int(index): {name: {**op, "vector": tensors[f"{index}.{name}"]} for name, op in ops.items()}
+        for index, ops in payload["params"].items()
+    }
+
+
+def request_payload(slot: int, capture_id: str | None, capture_layers: tuple[int, ...]) -> dict[str, Any]:
+    """What a request carries in ``extra_args``: its slot and, if capturing, what to capture."""
+    payload: dict[str, Any] = {"slot": slot}
+    if capture_id is not None:
+        payload["capture_id"] = capture_id
+        payload["layers"] = list(capture_layers)
+    return payload
+
+
+# -- worker-side state --------------------------------------------------------
+
+
+class SteeringRuntime:
+    """The steered layers of one worker, the shared slot index, and captures in progress."""
+
+    def __init__(self, layers: dict[int, SteeredDecoderLayer], slot_index: Tensor, num_slots: int) -> None:
+        self.layers = layers
+        self.slot_index = slot_index
+        self.num_slots = num_slots
+        self.records_captures = True
+        self.hooked = False
+        self._captures: dict[str, CaptureAccumulator] = {}
+        self._released: dict[str, int] = {}
+        self._step: list[vi.ScheduledRequest] = []
+        self._rows_written = 0
+
+    # step hooks (called around every forward by the model runner)
+
+    def before_step(self, runner: Any) -> None:
+        self._step = list(vi.scheduled_requests(runner))
+        num_rows = max(self._step[-1].end if self._step else 0, self._rows_written)
+        slots = np.zeros(num_rows, dtype=np.int64)
+        for request in self._step:
+            if request.payload is not None:
+                slots[request.start : request.end] = request.payload["slot"]
+        self.slot_index[:num_rows].copy_(torch.from_numpy(slots))
+        self._rows_written = self._step[-1].end if self._step else 0
+
+    def after_step(self, runner: Any) -> None:
+        if self.records_captures:
+            for request in self._step:
+                payload = request.payload
+                if payload is None or "capture_id" not in payload:
+                    continue
+                capture_id = payload["capture_id"]
+                if capture_id in self._released:
+                    self._released[capture_id] = RELEASE_GRACE_STEPS
+                    continue
+                accumulator = self._captures.get(capture_id)
+                if accumulator is None:
+                    accumulator = CaptureAccumulator(tuple(payload["layers"]))
+                    self._captures[capture_id] = accumulator
+                for layer in accumulator.layers:
+                    rows = self.layers[layer].captured[request.start : request.end]
+                    accumulator.add(layer, request.first_position, rows.to("cpu", copy=True))
+        for capture_id in list(self._released):
+            self._released[capture_id] -= 1
+            if self._released[capture_id] <= 0:
+                del self._released[capture_id]
+
+    # RPC bodies
+
+    def load_slot(self, slot: int, payload: dict[str, Any]) -> None:
+        if not 1 <= slot <= self.num_slots:
+            raise ValueError(f"slot {slot} outside 1..{self.num_slots}")
+        layers = decode_spec(payload)
+        for index, layer in self.layers.items():
+            layer.write_slot(slot, layers.get(index))
+
+    def fetch(self, capture_ids: list[str]) -> dict[str, Any]:
+        """Hand over and forget these captures (a step already dispatched may
+        still carry their requests, hence the same grace as ``release``).
+
+        Returns ``{"tensors": safetensors bytes keyed "<capture_id>/<layer>",
+        "errors": {capture_id: why}}``; ids this worker never saw are absent.
+        """
+        tensors: dict[str, Tensor] = {}
+        errors: dict[str, str] = {}
+        for capture_id in capture_ids:
+            accumulator = self._captures.pop(capture_id, None)
+            self._released[capture_id] = RELEASE_GRACE_STEPS
+            if accumulator is None:
+                continue
+            if accumulator.gap is not None:
+                errors[capture_id] = accumulator.gap
+                continue
+            for layer, rows in accumulator.assemble().items():
+                tensors[f"{capture_id}/{layer}"] = rows
+        return {"tensors": save_tensors(tensors), "errors": errors}
+
+    def release(self, capture_ids: list[str]) -> None:
+        for capture_id in capture_ids:
+            self._captures.pop(capture_id, None)
+            self._released[capture_id] = RELEASE_GRACE_STEPS
+
+    def stats(self) -> dict[str, int]:
+        return {"captures": len(self._captures), "released": len(self._released)}
+
+
+def install_steering(model: nn.Module, vllm_config: Any) -> SteeringRuntime:
+    """Replace every local decoder layer of ``model`` by a ``SteeredDecoderLayer``."""
+    settings = vllm_config.additional_config[SETTINGS_KEY]
+    num_slots = int(settings["num_slots"])
+    max_tokens = vllm_config.scheduler_config.max_num_batched_tokens
+    hidden_size = vllm_config.model_config.get_hidden_size()
+    dtype = vllm_config.model_config.dtype
+    device = next(model.parameters()).device
+    layer_list = decoder_layer_list(model)
+    slot_index = torch.zeros(max_tokens, dtype=torch.long, device=device)
+    steered: dict[int, SteeredDecoderLayer] = {}
+    for index, layer in enumerate(layer_list):
+        if vi.is_missing_layer(layer):
+            continue
+        wrapper = SteeredDecoderLayer(layer, index, num_slots, slot_index, max_tokens, hidden_size, dtype, device)
+        layer_list[index] = wrapper
+        steered[index] = wrapper
+    runtime = SteeringRuntime(steered, slot_index, num_slots)
+    model.workbench_runtime = runtime
+    logger.info("workbench: steering installed on %d layers, %d slots", len(steered), num_slots)
+    return runtime
+
+
+@vi.register_model_loader(LOAD_FORMAT)
+class SteeringModelLoader(vi.BaseModelLoader):
+    """Loads the model with the loader named in ``model_loader_extra_config``
+    (default ``auto``), then installs the steered layers."""
+
+    def __init__(self, load_config: Any) -> None:
+        super().__init__(load_config)
+        inner = (load_config.model_loader_extra_config or {}).get(INNER_LOAD_FORMAT_KEY, "auto")
+        self.inner = vi.inner_model_loader(load_config, inner)
+
+    def download_model(self, model_config: Any) -> None:
+        self.inner.download_model(model_config)
+
+    def load_weights(self, model: nn.Module, model_config: Any) -> None:
+        self.inner.load_weights(model, model_config)
+
+    def load_model(self, vllm_config: Any, model_config: Any, prefix: str = "") -> nn.Module:
+        model = self.inner.load_model(vllm_config=vllm_config, model_config=model_config, prefix=prefix)
+        install_steering(model, vllm_config)
+        return model
+
+
+class WorkbenchWorkerExtension:
+    """Mixed into vLLM's worker class (``worker_extension_cls``); methods are
+    called by name through ``collective_rpc`` and carry a ``workbench_`` prefix
+    so they never clash with the worker's own."""
+
+    def _workbench_runtime(self) -> SteeringRuntime:
+        return self.model_runner.get_model().workbench_runtime  # type: ignore[attr-defined]
+
+    def workbench_setup(self) -> dict[str, Any]:
+        runtime = self._workbench_runtime()
+        if not runtime.hooked:
+            vi.wrap_model_forward(self.model_runner, runtime.before_step, runtime.after_step)  # type: ignore[attr-defined]
+            runtime.records_captures = vi.tensor_parallel_rank() == 0
+            runtime.hooked = True
+        return {"layers": sorted(runtime.layers), "num_slots": runtime.num_slots}
+
+    def workbench_load_slot(self, slot: int, payload: dict[str, Any]) -> None:
+        self._workbench_runtime().load_slot(slot, payload)
+
+    def workbench_fetch_captures(self, capture_ids: list[str]) -> dict[str, Any]:
+        return self._workbench_runtime().fetch(capture_ids)
+
+    def workbench_release_captures(self, capture_ids: list[str]) -> None:
+        self._workbench_runtime().release(capture_ids)
+
+    def workbench_stats(self) -> dict[str, int]:
+        return self._workbench_runtime().stats()
