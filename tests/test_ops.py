@@ -1,0 +1,78 @@
+"""Properties of the steering math (workbench.ops)."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from workbench import ops
+
+seeds = st.integers(min_value=0, max_value=2**31 - 1)
+
+
+def sample(seed: int, tokens: int = 5, hidden: int = 16):
+    g = torch.Generator().manual_seed(seed)
+    hidden_states = torch.randn(tokens, hidden, generator=g, dtype=torch.float64) * 10
+    direction = torch.randn(hidden, generator=g, dtype=torch.float64)
+    return hidden_states, direction / direction.norm(), torch.randn(hidden, generator=g, dtype=torch.float64)
+
+
+@settings(max_examples=100, deadline=None)
+@given(seed=seeds, low=st.floats(-20, 20), width=st.floats(0, 20))
+def test_cap_keeps_projection_within_bounds_and_orthogonal_part(seed, low, width):
+    hidden, direction, _ = sample(seed)
+    capped = ops.cap_projection(hidden, direction, low, low + width)
+    proj = ops.projection(capped, direction)
+    assert (proj >= low - 1e-9).all() and (proj <= low + width + 1e-9).all()
+    orthogonal = lambda h: h - ops.projection(h, direction) * direction  # noqa: E731
+    assert torch.allclose(orthogonal(capped), orthogonal(hidden))
+
+
+@settings(max_examples=100, deadline=None)
+@given(seed=seeds)
+def test_ablation_scale_one_is_identity_and_zero_removes(seed):
+    hidden, direction, _ = sample(seed)
+    assert torch.equal(ops.scale_component(hidden, direction, 1.0), hidden)
+    removed = ops.scale_component(hidden, direction, 0.0)
+    assert torch.allclose(ops.projection(removed, direction), torch.zeros(5, 1, dtype=torch.float64), atol=1e-9)
+
+
+@settings(max_examples=100, deadline=None)
+@given(seed=seeds, scale=st.floats(-5, 5))
+def test_ablation_scales_the_projection(seed, scale):
+    hidden, direction, _ = sample(seed)
+    scaled = ops.scale_component(hidden, direction, scale)
+    assert torch.allclose(ops.projection(scaled, direction), scale * ops.projection(hidden, direction))
+
+
+@settings(max_examples=100, deadline=None)
+@given(seed=seeds)
+def test_add_then_subtract_is_identity(seed):
+    hidden, _, vector = sample(seed)
+    assert torch.allclose(ops.add_vector(ops.add_vector(hidden, vector), -vector), hidden)
+
+
+def test_neutral_parameters_are_exact_identities_per_token():
+    """The worker's neutral table row (zero vectors, open bounds, scale 1) must
+    leave a token bit-identical, mixed with steered tokens in one batch."""
+    hidden = torch.randn(3, 8) * 100
+    direction = torch.nn.functional.normalize(torch.randn(8), dim=0)
+    zeros = torch.zeros(8)
+    add = torch.stack([zeros, torch.ones(8), zeros])
+    cap_dir = torch.stack([zeros, direction, zeros])
+    cap_min = torch.tensor([[-torch.inf], [-1.0], [-torch.inf]])
+    cap_max = torch.tensor([[torch.inf], [1.0], [torch.inf]])
+    abl_dir = torch.stack([zeros, direction, zeros])
+    abl_scale = torch.tensor([[1.0], [0.5], [1.0]])
+    out = ops.apply_layer_ops(hidden, add, cap_dir, cap_min, cap_max, abl_dir, abl_scale)
+    assert torch.equal(out[0], hidden[0]) and torch.equal(out[2], hidden[2])
+    assert not torch.equal(out[1], hidden[1])
+
+
+def test_ops_apply_in_order_add_cap_ablate():
+    hidden = torch.tensor([[0.0, 0.0]])
+    direction = torch.tensor([1.0, 0.0])
+    out = ops.apply_layer_ops(hidden, torch.tensor([10.0, 1.0]), direction, None, 4.0, direction, 0.5)
+    # add -> (10, 1); cap x to 4 -> (4, 1); halve x -> (2, 1)
+    assert torch.equal(out, torch.tensor([[2.0, 1.0]]))
