@@ -39,6 +39,15 @@ def is_cpu_platform() -> bool:
     return current_platform.is_cpu()
 
 
+def runs_python_every_step(vllm_config: Any) -> bool:
+    """True when the model's forward runs as plain PyTorch each step (no
+    torch.compile, no CUDA graphs), so Python branches in it see every step."""
+    from vllm.config import CompilationMode, CUDAGraphMode
+
+    compilation = vllm_config.compilation_config
+    return compilation.mode == CompilationMode.NONE and compilation.cudagraph_mode == CUDAGraphMode.NONE
+
+
 def is_missing_layer(layer: nn.Module) -> bool:
     """True for pipeline-parallel placeholders of layers that live on another stage."""
     from vllm.model_executor.models.utils import PPMissingLayer

@@ -48,6 +48,9 @@ from workbench.worker import (
 
 logger = logging.getLogger(__name__)
 
+CPU_KV_CACHE_BYTES = 2 << 30
+"""KV cache of a CPU engine unless VLLM_CPU_KVCACHE_SPACE or kv_cache_memory_bytes says otherwise."""
+
 _RUNTIME_SOURCES = ("ops.py", "layer.py", "worker.py", "_vllm_internals.py")
 
 
@@ -82,6 +85,32 @@ class VLLMSteeringConfig:
     """Further ``AsyncEngineArgs`` fields."""
 
 
+def engine_args(cfg: VLLMSteeringConfig, enforce_eager: bool, **engine_kwargs: Any) -> Any:
+    """The ``AsyncEngineArgs`` of a steered engine: vLLM's own settings plus our
+    load format, worker extension and compile-cache salt."""
+    from vllm import AsyncEngineArgs
+
+    engine_kwargs = {**cfg.engine_kwargs, **engine_kwargs}
+    if vi.is_cpu_platform() and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+        # On CPU, vLLM otherwise reserves gpu_memory_utilization of *host*
+        # memory, so a second engine in the same machine cannot start.
+        engine_kwargs.setdefault("kv_cache_memory_bytes", CPU_KV_CACHE_BYTES)
+    return AsyncEngineArgs(
+        model=resolve_model_name(cfg.model_name),
+        tensor_parallel_size=cfg.tensor_parallel_size,
+        gpu_memory_utilization=cfg.gpu_memory_utilization,
+        max_model_len=cfg.max_model_len,
+        dtype=cfg.dtype,
+        seed=cfg.seed,
+        enforce_eager=enforce_eager,
+        load_format=LOAD_FORMAT,
+        model_loader_extra_config={INNER_LOAD_FORMAT_KEY: cfg.load_format},
+        worker_extension_cls="workbench.worker.WorkbenchWorkerExtension",
+        additional_config={SETTINGS_KEY: {"num_slots": cfg.max_steering_slots, "runtime": runtime_salt()}},
+        **engine_kwargs,
+    )
+
+
 class VLLMSteerModel:
     """A vLLM engine with per-layer steering and activation capture.
 
@@ -108,7 +137,6 @@ class VLLMSteerModel:
         enforce_eager: bool | None = None,
         **engine_kwargs: Any,
     ) -> None:
-        from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.cfg = cfg = cfg or VLLMSteeringConfig()
@@ -118,23 +146,8 @@ class VLLMSteerModel:
         if enforce_eager is None:
             enforce_eager = vi.is_cpu_platform()
         self.enforce_eager = enforce_eager
-        self._model_path = resolve_model_name(cfg.model_name)
-        args = AsyncEngineArgs(
-            model=self._model_path,
-            tensor_parallel_size=cfg.tensor_parallel_size,
-            gpu_memory_utilization=cfg.gpu_memory_utilization,
-            max_model_len=cfg.max_model_len,
-            dtype=cfg.dtype,
-            seed=cfg.seed,
-            enforce_eager=enforce_eager,
-            load_format=LOAD_FORMAT,
-            model_loader_extra_config={INNER_LOAD_FORMAT_KEY: cfg.load_format},
-            worker_extension_cls="workbench.worker.WorkbenchWorkerExtension",
-            additional_config={
-                SETTINGS_KEY: {"num_slots": cfg.max_steering_slots, "runtime": runtime_salt()}
-            },
-            **{**cfg.engine_kwargs, **engine_kwargs},
-        )
+        args = engine_args(cfg, enforce_eager, **engine_kwargs)
+        self._model_path = args.model
         self._engine = AsyncLLM.from_engine_args(args)
         model_config = self._engine.model_config
         self._hidden_size = model_config.get_hidden_size()
@@ -235,30 +248,39 @@ class VLLMSteerModel:
 
     async def generate(
         self,
-        prompts: str | Sequence[str],
+        prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
         sampling_params: Any = None,
         capture_layers: Sequence[int] | None = None,
         steering_spec: SteeringSpec | Sequence[SteeringSpec | None] | None = None,
     ) -> list[str] | tuple[list[str], list[CaptureHandle]]:
-        """Generate one completion per prompt.
+        """Generate one completion per prompt (a string or a list of token ids).
 
         ``steering_spec`` is one spec for every prompt or a list with one per
         prompt (``None`` entries use the current steering state). Returns the
         texts, or ``(texts, handles)`` when ``capture_layers`` is given.
         """
-        prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompt_list:
-            raise ValueError("prompts is empty")
-        for i, prompt in enumerate(prompt_list):
-            if not isinstance(prompt, str):
-                raise TypeError(f"prompts[{i}] must be a str, got {type(prompt).__name__}")
-        tokenizer = self.tokenizer
-        token_ids = [tokenizer(prompt).input_ids for prompt in prompt_list]
+        token_ids = self._tokenize_prompts(prompts)
         outputs = await self._generate_tokens(token_ids, sampling_params, capture_layers, steering_spec)
         texts = [output.outputs[0].text for output, _ in outputs]
         if capture_layers is None:
             return texts
         return texts, [handle for _, handle in outputs if handle is not None]
+
+    def _tokenize_prompts(self, prompts: Any) -> list[list[int]]:
+        if isinstance(prompts, str) or (prompts and all(isinstance(t, int) for t in prompts)):
+            prompts = [prompts]
+        prompt_list = list(prompts)
+        if not prompt_list:
+            raise ValueError("prompts is empty")
+        token_ids = []
+        for i, prompt in enumerate(prompt_list):
+            if isinstance(prompt, str):
+                token_ids.append(self.tokenizer(prompt).input_ids)
+            elif isinstance(prompt, Sequence) and prompt and all(isinstance(t, int) for t in prompt):
+                token_ids.append(list(prompt))
+            else:
+                raise TypeError(f"prompts[{i}] must be a str or a non-empty list of token ids, got {prompt!r:.80}")
+        return token_ids
 
     async def _generate_tokens(
         self,

@@ -11,10 +11,17 @@ nothing here branches on data.
 After the ops, the layer's residual stream is written to a persistent
 capture buffer; the worker copies each capturing request's rows out after the
 step.
+
+In eager mode (no torch.compile, no CUDA graphs) Python runs at every step,
+so a ``StepPlan`` written by the worker before each step lets a layer skip the
+ops no request of the step uses, and the capture write when nobody captures it:
+a loaded but idle runtime then costs one attribute check per layer. Compiled
+engines always take the full path, which has no data-dependent branches.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -39,6 +46,19 @@ def _record_rows_fake(rows: Tensor, buffer: Tensor) -> None:
     return None
 
 
+@dataclass
+class StepPlan:
+    """What the step about to run needs from each layer (read only in eager mode)."""
+
+    eager: bool
+    layer_ops: dict[int, tuple[bool, bool, bool]] = field(default_factory=dict)
+    """Layer -> whether any request of the step uses its (add, cap, ablation)."""
+    capture_layers: frozenset[int] = frozenset()
+
+
+ALL_OPS = (True, True, True)
+
+
 class SteeredDecoderLayer(nn.Module):
     """A decoder layer followed by the steering ops and a capture write.
 
@@ -53,6 +73,7 @@ class SteeredDecoderLayer(nn.Module):
         self,
         inner: nn.Module,
         index: int,
+        plan: StepPlan,
         num_slots: int,
         slot_index: Tensor,
         max_tokens: int,
@@ -63,6 +84,7 @@ class SteeredDecoderLayer(nn.Module):
         super().__init__()
         self.inner = inner
         self.index = index
+        self.plan = plan
         rows = num_slots + 1
         kw: dict[str, Any] = {"dtype": dtype, "device": device}
         self.register_buffer("add_vectors", torch.zeros(rows, hidden_size, **kw), persistent=False)
@@ -74,20 +96,33 @@ class SteeredDecoderLayer(nn.Module):
         self.register_buffer("slot_index", slot_index, persistent=False)
         self.register_buffer("captured", torch.zeros(max_tokens, hidden_size, **kw), persistent=False)
 
-    def forward(self, positions: Tensor, hidden_states: Tensor, residual: Tensor | None, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, positions: Tensor, hidden_states: Tensor, residual: Tensor | None, *args: Any, **kwargs: Any
+    ) -> tuple[Tensor, Tensor]:
         out, residual = self.inner(positions, hidden_states, residual, *args, **kwargs)
+        if not self.plan.eager:
+            return self._steer(out, residual, ALL_OPS, capture=True)
+        used = self.plan.layer_ops.get(self.index)
+        capture = self.index in self.plan.capture_layers
+        if used is None and not capture:
+            return out, residual
+        return self._steer(out, residual, used or (False, False, False), capture)
+
+    def _steer(self, out: Tensor, residual: Tensor, used: tuple[bool, bool, bool], capture: bool) -> tuple[Tensor, Tensor]:
         stream = out + residual
         slots = self.slot_index[: stream.shape[0]]
+        use_add, use_cap, use_ablation = used
         steered = ops.apply_layer_ops(
             stream,
-            add=self.add_vectors[slots],
-            cap_direction=self.cap_directions[slots],
-            cap_min=self.cap_min[slots],
-            cap_max=self.cap_max[slots],
-            ablation_direction=self.ablation_directions[slots],
-            ablation_scale=self.ablation_scales[slots],
+            add=self.add_vectors[slots] if use_add else None,
+            cap_direction=self.cap_directions[slots] if use_cap else None,
+            cap_min=self.cap_min[slots] if use_cap else None,
+            cap_max=self.cap_max[slots] if use_cap else None,
+            ablation_direction=self.ablation_directions[slots] if use_ablation else None,
+            ablation_scale=self.ablation_scales[slots] if use_ablation else 1.0,
         )
-        record_rows(steered, self.captured)
+        if capture:
+            record_rows(steered, self.captured)
         return steered, torch.zeros_like(residual)
 
     @torch.no_grad()

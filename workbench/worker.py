@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from workbench import _vllm_internals as vi
 from workbench.capture import CaptureAccumulator
-from workbench.layer import SteeredDecoderLayer
+from workbench.layer import StepPlan, SteeredDecoderLayer
 from workbench.model_layers import decoder_layer_list
 from workbench.specs import SteeringSpec
 
@@ -89,10 +89,15 @@ def request_payload(slot: int, capture_id: str | None, capture_layers: tuple[int
 class SteeringRuntime:
     """The steered layers of one worker, the shared slot index, and captures in progress."""
 
-    def __init__(self, layers: dict[int, SteeredDecoderLayer], slot_index: Tensor, num_slots: int) -> None:
+    def __init__(
+        self, layers: dict[int, SteeredDecoderLayer], slot_index: Tensor, plan: StepPlan, num_slots: int
+    ) -> None:
         self.layers = layers
         self.slot_index = slot_index
+        self.plan = plan
         self.num_slots = num_slots
+        self._slot_ops: dict[int, dict[int, tuple[bool, bool, bool]]] = {}
+        """Slot -> layer -> which ops its spec uses there."""
         self.records_captures = True
         self.hooked = False
         self._captures: dict[str, CaptureAccumulator] = {}
@@ -104,13 +109,26 @@ class SteeringRuntime:
 
     def before_step(self, runner: Any) -> None:
         self._step = list(vi.scheduled_requests(runner))
-        num_rows = max(self._step[-1].end if self._step else 0, self._rows_written)
+        end = self._step[-1].end if self._step else 0
+        num_rows = max(end, self._rows_written)
         slots = np.zeros(num_rows, dtype=np.int64)
+        used_slots: set[int] = set()
+        capture_layers: set[int] = set()
         for request in self._step:
             if request.payload is not None:
                 slots[request.start : request.end] = request.payload["slot"]
+                used_slots.add(request.payload["slot"])
+                capture_layers.update(request.payload.get("layers", ()))
         self.slot_index[:num_rows].copy_(torch.from_numpy(slots))
-        self._rows_written = self._step[-1].end if self._step else 0
+        self._rows_written = end
+        if self.plan.eager:
+            layer_ops: dict[int, tuple[bool, bool, bool]] = {}
+            for slot in used_slots:
+                for layer, used in self._slot_ops.get(slot, {}).items():
+                    current = layer_ops.get(layer, (False, False, False))
+                    layer_ops[layer] = (current[0] or used[0], current[1] or used[1], current[2] or used[2])
+            self.plan.layer_ops = layer_ops
+            self.plan.capture_layers = frozenset(capture_layers)
 
     def after_step(self, runner: Any) -> None:
         if self.records_captures:
@@ -142,6 +160,9 @@ class SteeringRuntime:
         layers = decode_spec(payload)
         for index, layer in self.layers.items():
             layer.write_slot(slot, layers.get(index))
+        self._slot_ops[slot] = {
+            index: ("add" in ops, "projection_cap" in ops, "ablation" in ops) for index, ops in layers.items()
+        }
 
     def fetch(self, capture_ids: list[str]) -> dict[str, Any]:
         """Hand over and forget these captures (a step already dispatched may
@@ -183,16 +204,20 @@ def install_steering(model: nn.Module, vllm_config: Any) -> SteeringRuntime:
     device = next(model.parameters()).device
     layer_list = decoder_layer_list(model)
     slot_index = torch.zeros(max_tokens, dtype=torch.long, device=device)
+    plan = StepPlan(eager=vi.runs_python_every_step(vllm_config))
     steered: dict[int, SteeredDecoderLayer] = {}
     for index, layer in enumerate(layer_list):
         if vi.is_missing_layer(layer):
             continue
-        wrapper = SteeredDecoderLayer(layer, index, num_slots, slot_index, max_tokens, hidden_size, dtype, device)
+        wrapper = SteeredDecoderLayer(layer, index, plan, num_slots, slot_index, max_tokens, hidden_size, dtype, device)
         layer_list[index] = wrapper
         steered[index] = wrapper
-    runtime = SteeringRuntime(steered, slot_index, num_slots)
+    runtime = SteeringRuntime(steered, slot_index, plan, num_slots)
     model.workbench_runtime = runtime
-    logger.info("workbench: steering installed on %d layers, %d slots", len(steered), num_slots)
+    logger.info(
+        "workbench: steering installed on %d layers, %d slots, %s mode",
+        len(steered), num_slots, "eager" if plan.eager else "compiled",
+    )
     return runtime
 
 

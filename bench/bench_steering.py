@@ -1,0 +1,241 @@
+"""Throughput of the workbench runtime against plain vLLM, as ratios measured in one run.
+
+Both engines load the same model with the same settings. Each round runs
+plain vLLM first and then every workbench configuration, so drift on the
+machine hits both; the table reports medians over rounds and each
+configuration's median relative to plain vLLM's.
+
+    python bench/bench_steering.py --preset cpu            # embedded SmolLM2, this machine
+    python bench/bench_steering.py --preset gpu            # Llama-3-8B shape, dummy bf16 weights
+
+Results go to bench/results/<date>-<device>-<preset>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from workbench import AblationSpec, AddSpec, LayerSteeringSpec, ProjectionCapSpec, SteeringSpec
+
+HERE = Path(__file__).parent
+logger = logging.getLogger("bench")
+
+
+@dataclass(frozen=True)
+class Preset:
+    model: str
+    dtype: str
+    requests: int
+    prompt_tokens: int
+    output_tokens: int
+    rounds: int
+    load_format: str = "auto"
+    max_model_len: int = 1024
+    engine_kwargs: tuple[tuple[str, Any], ...] = ()
+
+
+PRESETS = {
+    "cpu": Preset(
+        model="smollm2-135m-instruct", dtype="bfloat16", requests=16, prompt_tokens=32, output_tokens=48, rounds=3
+    ),
+    "gpu": Preset(
+        model=str(HERE / "models" / "llama3-8b-shape"),
+        dtype="bfloat16",
+        requests=256,
+        prompt_tokens=64,
+        output_tokens=128,
+        rounds=5,
+        load_format="dummy",
+        engine_kwargs=(("skip_tokenizer_init", True),),
+    ),
+}
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"cpu-{platform.machine()}-{os.cpu_count()}cores"
+
+
+def prompt_ids(preset: Preset, vocab: int) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(0)
+    upper = min(vocab, 32000)
+    return [torch.randint(100, upper, (preset.prompt_tokens,), generator=generator).tolist() for _ in range(preset.requests)]
+
+
+def random_spec(layers: list[int], hidden: int, seed: int, with_cap_and_ablation: bool = False) -> SteeringSpec:
+    generator = torch.Generator().manual_seed(seed)
+    specs = {}
+    for layer in layers:
+        vector = lambda: torch.randn(hidden, generator=generator)  # noqa: E731
+        specs[layer] = LayerSteeringSpec(
+            add=AddSpec(vector(), scale=0.5),
+            projection_cap=ProjectionCapSpec(vector(), min=-10.0, max=10.0) if with_cap_and_ablation else None,
+            ablation=AblationSpec(vector(), scale=0.5) if with_cap_and_ablation else None,
+        )
+    return SteeringSpec(specs)
+
+
+async def timed(run: Callable[[], Awaitable[int]]) -> float:
+    """Generated tokens per second of one run."""
+    start = time.perf_counter()
+    tokens = await run()
+    return tokens / (time.perf_counter() - start)
+
+
+async def main(args: argparse.Namespace) -> None:
+    from vllm import AsyncEngineArgs, SamplingParams
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from workbench import VLLMSteeringConfig, VLLMSteerModel
+    from workbench.embedded import resolve_model_name
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # both engines fit beside each other on CPU
+    preset = PRESETS[args.preset]
+    enforce_eager = args.eager
+    engine_kwargs = dict(preset.engine_kwargs)
+    cfg = VLLMSteeringConfig(
+        model_name=preset.model,
+        dtype=preset.dtype,
+        max_model_len=preset.max_model_len,
+        load_format=preset.load_format,
+        max_steering_slots=64,
+        engine_kwargs=engine_kwargs,
+    )
+    if enforce_eager is None:
+        from workbench._vllm_internals import is_cpu_platform
+
+        enforce_eager = is_cpu_platform()
+
+    start = time.perf_counter()
+    plain = AsyncLLM.from_engine_args(
+        AsyncEngineArgs(
+            model=resolve_model_name(preset.model),
+            dtype=preset.dtype,
+            max_model_len=preset.max_model_len,
+            load_format=preset.load_format,
+            enforce_eager=enforce_eager,
+            seed=0,
+            **engine_kwargs,
+        )
+    )
+    plain_startup = time.perf_counter() - start
+    start = time.perf_counter()
+    model = VLLMSteerModel(cfg, enforce_eager=enforce_eager)
+    steered_startup = time.perf_counter() - start
+    hidden, layers = model.hidden_size, model.layer_count
+    vocab = model.engine.model_config.get_vocab_size()
+    prompts = prompt_ids(preset, vocab)
+    params = SamplingParams(temperature=0.0, max_tokens=preset.output_tokens, ignore_eos=True)
+
+    async def run_plain(batch: list[list[int]]) -> int:
+        async def one(ids: list[int], index: int) -> int:
+            final = None
+            async for out in plain.generate({"prompt_token_ids": ids}, params, f"plain-{time.time_ns()}-{index}"):
+                final = out
+            return len(final.outputs[0].token_ids)
+
+        return sum(await asyncio.gather(*(one(ids, i) for i, ids in enumerate(batch))))
+
+    async def run_steered(batch: list[list[int]], spec: Any = None, capture: list[int] | None = None) -> int:
+        result = await model.generate(batch, params, capture_layers=capture, steering_spec=spec)
+        if capture is None:
+            return preset.output_tokens * len(batch)
+        _, handles = result
+        await model.fetch_captures_batch(handles)
+        rows = preset.prompt_tokens + preset.output_tokens - 1
+        for handle in handles:  # verify every captured row came back
+            for layer in capture:
+                assert handle.captures[layer][0]["hidden"].shape == (rows, hidden)
+            handle.close()
+        return preset.output_tokens * len(batch)
+
+    all_layers = list(range(layers))
+    eight = all_layers[:: max(1, layers // 8)][:8]
+    global_add = random_spec(all_layers, hidden, seed=1)
+    global_mixed = random_spec(eight, hidden, seed=2, with_cap_and_ablation=True)
+    distinct16 = [random_spec(all_layers, hidden, seed=100 + i % 16) for i in range(preset.requests)]
+    distinct64 = [random_spec(eight, hidden, seed=200 + i % 64, with_cap_and_ablation=True) for i in range(preset.requests)]
+    middle = layers // 2
+    configs: dict[str, Callable[[], Awaitable[int]]] = {
+        "plain vLLM": lambda: run_plain(prompts),
+        "runtime loaded, no steering": lambda: run_steered(prompts, SteeringSpec()),
+        f"one global spec: add on all {layers} layers": lambda: run_steered(prompts, global_add),
+        "add + cap + ablate on 8 layers": lambda: run_steered(prompts, global_mixed),
+        "16 distinct per-request specs (add, all layers)": lambda: run_steered(prompts, distinct16),
+        "64 distinct per-request specs (cap + ablate, 8 layers)": lambda: run_steered(prompts, distinct64),
+        "capture 1 layer (all tokens, rows verified)": lambda: run_steered(prompts, SteeringSpec(), [middle]),
+        "capture 4 layers": lambda: run_steered(prompts, SteeringSpec(), eight[:4]),
+        "batch-1 decode, plain": lambda: run_plain(prompts[:1]),
+        "batch-1 decode, add on all layers": lambda: run_steered(prompts[:1], global_add),
+    }
+    # Warm-up: every path once (loads slots, compiles any remaining shapes).
+    for run in configs.values():
+        await run()
+    samples: dict[str, list[float]] = {name: [] for name in configs}
+    for round_index in range(preset.rounds):
+        for name, run in configs.items():
+            samples[name].append(await timed(run))
+        logger.info("round %d/%d done", round_index + 1, preset.rounds)
+    model.close()
+    plain.shutdown()
+
+    medians = {name: statistics.median(values) for name, values in samples.items()}
+    reference = {name: medians["batch-1 decode, plain" if name.startswith("batch-1") else "plain vLLM"] for name in medians}
+    import vllm
+
+    results = {
+        "date": dt.date.today().isoformat(),
+        "device": device_name(),
+        "preset": args.preset,
+        "workload": {
+            "model": preset.model,
+            "dtype": preset.dtype,
+            "requests": preset.requests,
+            "prompt_tokens": preset.prompt_tokens,
+            "output_tokens": preset.output_tokens,
+            "rounds": preset.rounds,
+            "enforce_eager": enforce_eager,
+        },
+        "versions": {"vllm": vllm.__version__, "torch": torch.__version__, "python": platform.python_version()},
+        "startup_s": {"plain vLLM": round(plain_startup, 1), "workbench": round(steered_startup, 1)},
+        "tok_per_s": {name: [round(v, 1) for v in values] for name, values in samples.items()},
+        "median_tok_per_s": {name: round(v, 1) for name, v in medians.items()},
+        "ratio_to_plain": {name: round(medians[name] / reference[name], 3) for name in medians},
+    }
+    mode = "eager" if enforce_eager else "graphs"
+    out_dir = HERE / "results"
+    out_dir.mkdir(exist_ok=True)
+    slug = results["device"].replace(" ", "-").lower()
+    path = out_dir / f"{results['date']}-{slug}-{args.preset}-{mode}.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\n{results['device']} | vLLM {vllm.__version__} | torch {torch.__version__} | {mode}")
+    print(f"startup: plain {plain_startup:.1f} s, workbench {steered_startup:.1f} s")
+    print(f"| configuration | median tok/s | vs plain |\n| --- | ---: | ---: |")
+    for name in configs:
+        print(f"| {name} | {medians[name]:,.0f} | {results['ratio_to_plain'][name]:.3f} |")
+    print(f"\nwritten to {path}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--eager", dest="eager", action="store_true", default=None, help="enforce_eager=True for both engines")
+    mode.add_argument("--graphs", dest="eager", action="store_false", help="compile / CUDA graphs for both engines")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    asyncio.run(main(parser.parse_args()))
