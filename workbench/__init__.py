@@ -6,6 +6,7 @@ The runtime (this package minus ``workbench.notebook``) imports no UI code.
 __version__ = "0.1.0"
 
 from workbench.capture import CaptureHandle, MessageBoundary
+from workbench.chat import ChatResponse
 from workbench.embedded import DEFAULT_MODEL_NAME
 from workbench.errors import (
     CaptureError,
@@ -38,6 +39,7 @@ __all__ = [
     "AddSpec",
     "CaptureError",
     "CaptureHandle",
+    "ChatResponse",
     "ChatError",
     "EmbeddedModelError",
     "EngineClosedError",

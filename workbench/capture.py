@@ -133,6 +133,26 @@ class CaptureHandle:
             raise CaptureError(f"layer {layer} was not captured; captured layers: {list(self.layer_indices)}")
         return self.captures[layer][0]["hidden"]
 
+    def get_message_activations(self, message_idx: int, layer_idx: int, include_generated: bool = False) -> Tensor:
+        """Rows of one chat message (see ``workbench.chat`` for how template
+        tokens are assigned); with ``include_generated`` the last message's
+        slice runs on through the generated tokens."""
+        if not self.message_boundaries:
+            raise CaptureError("this capture has no message boundaries; they come with model.chat()")
+        count = len(self.message_boundaries)
+        if isinstance(message_idx, bool) or not isinstance(message_idx, int) or not -count <= message_idx < count:
+            raise CaptureError(f"message index {message_idx!r} is out of range for {count} messages")
+        index = message_idx % count
+        boundary = self.message_boundaries[index]
+        hidden = self.hidden(layer_idx)
+        if not include_generated:
+            return hidden[boundary.start : boundary.end]
+        if index != count - 1:
+            raise CaptureError(
+                f"include_generated=True only applies to the last message ({count - 1}), not {message_idx}"
+            )
+        return hidden[boundary.start :]
+
     def close(self) -> None:
         """Free this capture's memory here and in the workers."""
         self._data = None

@@ -16,7 +16,7 @@ import logging
 import os
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,8 @@ from torch import Tensor
 
 from workbench import __version__
 from workbench import _vllm_internals as vi
-from workbench.capture import CaptureHandle
+from workbench.capture import CaptureHandle, MessageBoundary
+from workbench.chat import ChatResponse, format_conversation, split_conversations
 from workbench.embedded import DEFAULT_MODEL_NAME, resolve_model_name
 from workbench.errors import (
     CaptureError,
@@ -266,6 +267,55 @@ class VLLMSteerModel:
             return texts
         return texts, [handle for _, handle in outputs if handle is not None]
 
+    async def chat(
+        self,
+        messages: Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str, Any]]],
+        sampling_params: Any = None,
+        capture_layers: Sequence[int] | None = None,
+        chat_options: Mapping[str, Any] | None = None,
+        raw_output: bool = False,
+        steering_spec: SteeringSpec | Sequence[SteeringSpec | None] | None = None,
+        **sampling_kwargs: Any,
+    ) -> list[Any] | tuple[list[Any], list[CaptureHandle]]:
+        """Reply to one conversation (a list of ``{"role", "content"}`` dicts) or a batch of them.
+
+        Sampling comes from ``sampling_params`` or from keyword arguments
+        (``temperature=``, ``max_tokens=``, ...), not both. ``chat_options``
+        go to the chat template (``add_generation_prompt``,
+        ``continue_final_message`` for an assistant prefill, ``chat_template``,
+        ...). Returns ``ChatResponse``s (vLLM ``RequestOutput``s with
+        ``raw_output=True``), or ``(responses, handles)`` with
+        ``capture_layers``; handles carry ``message_boundaries``.
+        """
+        from vllm import SamplingParams
+
+        if sampling_params is not None and sampling_kwargs:
+            raise TypeError(
+                f"pass sampling_params or sampling keyword arguments ({', '.join(sampling_kwargs)}), not both"
+            )
+        if sampling_params is None:
+            sampling_params = SamplingParams(**sampling_kwargs)
+        conversations, _ = split_conversations(messages)
+        tokenizer = self.tokenizer
+        formatted = [
+            format_conversation(tokenizer, conversation, chat_options, with_boundaries=capture_layers is not None)
+            for conversation in conversations
+        ]
+        outputs = await self._generate_tokens(
+            [f.token_ids for f in formatted],
+            sampling_params,
+            capture_layers,
+            steering_spec,
+            [f.boundaries for f in formatted],
+        )
+        if raw_output:
+            responses: list[Any] = [output for output, _ in outputs]
+        else:
+            responses = [ChatResponse(output.outputs[0].text, f.prefill) for (output, _), f in zip(outputs, formatted)]
+        if capture_layers is None:
+            return responses
+        return responses, [handle for _, handle in outputs if handle is not None]
+
     def _tokenize_prompts(self, prompts: Any) -> list[list[int]]:
         if isinstance(prompts, str) or (prompts and all(isinstance(t, int) for t in prompts)):
             prompts = [prompts]
@@ -288,6 +338,7 @@ class VLLMSteerModel:
         sampling_params: Any,
         capture_layers: Sequence[int] | None,
         steering_spec: SteeringSpec | Sequence[SteeringSpec | None] | None,
+        boundaries: Sequence[tuple[MessageBoundary, ...]] | None = None,
     ) -> list[tuple[Any, CaptureHandle | None]]:
         """Run tokenised prompts; returns vLLM ``RequestOutput``s with their capture handles."""
         from vllm import SamplingParams
@@ -305,8 +356,14 @@ class VLLMSteerModel:
                 raise ValueError(
                     f"prompt {i} has {len(ids)} tokens; max_model_len is {self.cfg.max_model_len}"
                 )
+        boundaries = boundaries or [()] * len(token_ids)
         return list(
-            await asyncio.gather(*(self._run_request(ids, params, spec, layers) for ids, spec in zip(token_ids, specs)))
+            await asyncio.gather(
+                *(
+                    self._run_request(ids, params, spec, layers, bounds)
+                    for ids, spec, bounds in zip(token_ids, specs, boundaries)
+                )
+            )
         )
 
     def _per_request_specs(
@@ -321,7 +378,12 @@ class VLLMSteerModel:
         return [self._check_spec(current if spec is None else spec) for spec in specs]
 
     async def _run_request(
-        self, token_ids: list[int], params: Any, spec: SteeringSpec, layers: tuple[int, ...]
+        self,
+        token_ids: list[int],
+        params: Any,
+        spec: SteeringSpec,
+        layers: tuple[int, ...],
+        boundaries: tuple[MessageBoundary, ...] = (),
     ) -> tuple[Any, CaptureHandle | None]:
         capture_id = uuid.uuid4().hex if layers else None
         request_id = f"wb-{uuid.uuid4().hex}"
@@ -356,6 +418,7 @@ class VLLMSteerModel:
                 layer_indices=layers,
                 prompt_token_ids=tuple(final.prompt_token_ids),
                 generated_token_ids=tuple(final.outputs[0].token_ids),
+                message_boundaries=boundaries,
             )
             handle._attach_release(_weak_release(self))
         return final, handle
