@@ -54,6 +54,11 @@ async def test_compiled_mode_steers_restores_and_captures(compiled, hf):
     mixed = await compiled.generate([PROMPT, PROMPT], GREEDY, steering_spec=[SteeringSpec(), spec])
     assert mixed == [baseline[0], steered[0]]
 
+    # Position targeting runs as per-token masks inside the compiled graph.
+    spec = SteeringSpec({
+        4: LayerSteeringSpec(add=AddSpec(spec.layers[4].add.vector, scale=8.0, positions="generated")),
+        9: LayerSteeringSpec(add=AddSpec(spec.layers[4].add.vector, scale=4.0, positions="prompt")),
+    })
     _, handles = await compiled.generate(PROMPT, GREEDY, capture_layers=[4, 20], steering_spec=spec)
     await compiled.fetch_captures_batch(handles)
     reference = generate_reference(hf[0], handles[0].prompt_token_ids, 16, spec, [4, 20])

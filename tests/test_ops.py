@@ -76,3 +76,15 @@ def test_ops_apply_in_order_add_cap_ablate():
     out = ops.apply_layer_ops(hidden, torch.tensor([10.0, 1.0]), direction, None, 4.0, direction, 0.5)
     # add -> (10, 1); cap x to 4 -> (4, 1); halve x -> (2, 1)
     assert torch.equal(out, torch.tensor([[2.0, 1.0]]))
+
+
+def test_position_masks_select_rows():
+    generated = torch.tensor([[False], [False], [True]])
+    codes = ops.TARGET_CODES
+    assert ops.position_mask(codes["all"], generated).squeeze(1).tolist() == [True, True, True]
+    assert ops.position_mask(codes["prompt"], generated).squeeze(1).tolist() == [True, True, False]
+    assert ops.position_mask(codes["generated"], generated).squeeze(1).tolist() == [False, False, True]
+    hidden = torch.zeros(3, 2)
+    masks = (ops.position_mask(codes["generated"], generated), None, None)
+    out = ops.apply_layer_ops(hidden, torch.ones(2), None, None, None, None, 1.0, masks=masks)
+    assert out.tolist() == [[0, 0], [0, 0], [1, 1]]

@@ -137,3 +137,32 @@ async def test_prefix_cache_never_serves_other_steering(model, hf):
     # A capture of a cached prompt still holds every prompt row.
     handle, reference = await run_and_reference(model, hf, LONG_PROMPT, SteeringSpec(), [20])
     assert_rows_match(handle.captures[20][0]["hidden"], reference.captures[20])
+
+
+@pytest.mark.parametrize("positions", ["prompt", "generated"])
+async def test_position_targeting_matches_hf(model, hf, positions):
+    prompt = "Once upon a time, in a small village,"
+    token_ids = model.tokenizer(prompt).input_ids
+    generator = torch.Generator().manual_seed(11)
+    spec = SteeringSpec(
+        {
+            3: LayerSteeringSpec(add=AddSpec(torch.randn(576, generator=generator), scale=6.0, positions=positions)),
+            8: LayerSteeringSpec(
+                ablation=AblationSpec(mean_direction(hf[0], token_ids, 8), scale=0.0, positions=positions)
+            ),
+        }
+    )
+    baseline, _ = await run_and_reference(model, hf, prompt, SteeringSpec(), [3])
+    handle, reference = await run_and_reference(model, hf, prompt, spec, [3, 8, 20])
+    assert list(handle.generated_token_ids) == reference.token_ids
+    assert list(handle.generated_token_ids) != list(baseline.generated_token_ids)
+    for layer in (3, 8, 20):
+        assert_rows_match(handle.captures[layer][0]["hidden"], reference.captures[layer])
+    prompt_rows = len(token_ids)
+    steered_prompt = handle.captures[3][0]["hidden"][:prompt_rows]
+    baseline_prompt = baseline.captures[3][0]["hidden"][:prompt_rows]
+    if positions == "generated":  # prompt rows untouched, bit for bit
+        assert torch.equal(steered_prompt, baseline_prompt)
+    else:  # prompt rows moved by exactly the added vector
+        added = spec.layers[3].add.effect.expand(prompt_rows, -1)
+        assert torch.allclose(steered_prompt - baseline_prompt, added, atol=1e-4)

@@ -164,3 +164,14 @@ def test_property_valid_specs_round_trip(vector, low, width, scale):
     )
     assert SteeringSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
     assert torch.isclose(spec.layers[0].ablation.vector.norm(), torch.tensor(1.0))
+
+
+def test_positions_are_validated_and_round_trip(tmp_path):
+    with pytest.raises(SpecError, match="AddSpec.positions must be one of"):
+        AddSpec(torch.ones(3), positions="middle")
+    spec = SteeringSpec({1: LayerSteeringSpec(add=AddSpec(torch.ones(3), positions="generated"),
+                                              ablation=AblationSpec(torch.ones(3), positions="prompt"))})
+    assert SteeringSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    assert SteeringSpec.load(spec.save(tmp_path / "s.safetensors")) == spec
+    assert spec != SteeringSpec({1: LayerSteeringSpec(add=AddSpec(torch.ones(3)), ablation=AblationSpec(torch.ones(3), positions="prompt"))})
+    assert "positions=generated" in repr(spec)

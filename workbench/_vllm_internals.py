@@ -89,6 +89,7 @@ class ScheduledRequest:
     end: int
     first_position: int
     """Position in the sequence of the row at ``start`` (tokens computed before this step)."""
+    num_prompt_tokens: int
     payload: dict[str, Any] | None
     """Our ``extra_args`` payload, or None for a request without one."""
 
@@ -105,14 +106,15 @@ def scheduled_requests(runner: Any) -> Iterator[ScheduledRequest]:
     starts = runner.query_start_loc.np
     computed = batch.num_computed_tokens_cpu
     for index, req_id in enumerate(batch.req_ids):
-        extra = runner.requests[req_id].sampling_params.extra_args
-        payload = extra.get(EXTRA_ARGS_KEY) if extra else None
+        state = runner.requests[req_id]  # CachedRequestState
+        extra = state.sampling_params.extra_args
         yield ScheduledRequest(
             req_id=req_id,
             start=int(starts[index]),
             end=int(starts[index + 1]),
             first_position=int(computed[index]),
-            payload=payload,
+            num_prompt_tokens=state.num_prompt_tokens,
+            payload=extra.get(EXTRA_ARGS_KEY) if extra else None,
         )
 
 

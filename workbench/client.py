@@ -426,6 +426,23 @@ class VLLMSteerModel:
     async def _load_slot(self, slot: int, spec: SteeringSpec) -> None:
         await self._engine.collective_rpc("workbench_load_slot", args=(slot, encode_spec(spec)))
 
+    async def sweep(
+        self,
+        prompt: str | Sequence[Mapping[str, Any]],
+        layer: int,
+        vector: Any,
+        scales: Sequence[float],
+        sampling_params: Any = None,
+        **options: Any,
+    ) -> Any:
+        """Run ``prompt`` (or a conversation) once per scale of ``vector`` at
+        ``layer``, all in one batch; returns a pandas DataFrame (see
+        ``workbench.sweep.run_sweep`` for the options and columns)."""
+        from workbench.sweep import run_sweep
+
+        self._check_layer(layer)
+        return await run_sweep(self, prompt, layer, vector, scales, sampling_params, **options)
+
     # -- captures ------------------------------------------------------------
 
     async def fetch_captures_batch(self, handles: Sequence[CaptureHandle]) -> None:

@@ -48,21 +48,34 @@ def _replace_stream(output: Any, stream: Tensor) -> Any:
     return (stream, *output[1:]) if isinstance(output, tuple) else stream
 
 
-def _layer_hook(layer_spec: LayerSteeringSpec) -> Any:
+def _layer_hook(layer_spec: LayerSteeringSpec, prompt_length: int | None) -> Any:
+    seen = 0  # rows this layer has processed: the positions of the next call's rows start here
+
     def hook(module: nn.Module, args: Any, output: Any) -> Any:
+        nonlocal seen
         stream = _output_stream(output)
+        rows = stream.shape[-2]
         cast = {"dtype": stream.dtype, "device": stream.device}
-        add = layer_spec.add.effect.to(**cast) if layer_spec.add is not None else None
+        masks = ops.NO_MASKS
+        if prompt_length is not None:
+            positions = torch.arange(seen, seen + rows, device=stream.device).unsqueeze(-1)
+            generated = positions >= prompt_length
+            masks = tuple(  # type: ignore[assignment]
+                None if op is None or op.positions == "all" else ops.position_mask(ops.TARGET_CODES[op.positions], generated)
+                for op in (layer_spec.add, layer_spec.projection_cap, layer_spec.ablation)
+            )
+        seen += rows
         cap = layer_spec.projection_cap
         ablation = layer_spec.ablation
         steered = ops.apply_layer_ops(
             stream,
-            add=add,
+            add=layer_spec.add.effect.to(**cast) if layer_spec.add is not None else None,
             cap_direction=None if cap is None else cap.vector.to(**cast),
             cap_min=None if cap is None else cap.min,
             cap_max=None if cap is None else cap.max,
             ablation_direction=None if ablation is None else ablation.vector.to(**cast),
             ablation_scale=1.0 if ablation is None else ablation.scale,
+            masks=masks,
         )
         return _replace_stream(output, steered)
 
@@ -70,14 +83,22 @@ def _layer_hook(layer_spec: LayerSteeringSpec) -> Any:
 
 
 @contextmanager
-def steering_hooks(model: nn.Module, spec: SteeringSpec) -> Iterator[None]:
+def steering_hooks(model: nn.Module, spec: SteeringSpec, prompt_length: int | None = None) -> Iterator[None]:
     """Apply ``spec`` to ``model``'s decoder layers inside the block.
 
-    This mutates ``model`` (forward hooks) until the block exits.
+    This mutates ``model`` (forward hooks) until the block exits. Ops that
+    target prompt or generated tokens need ``prompt_length``; the hooks then
+    count the rows they see, so use one block per sequence (batch size 1).
     """
     layers = decoder_layer_list(model)
     spec.validate_for(model.config.hidden_size, len(layers))
-    handles = [layers[index].register_forward_hook(_layer_hook(layer)) for index, layer in spec.layers.items()]
+    targeted = any(op.positions != "all" for layer in spec.layers.values() for _, op in layer.ops())
+    if targeted and prompt_length is None:
+        raise ValueError("this spec targets prompt or generated tokens; pass prompt_length")
+    handles = [
+        layers[index].register_forward_hook(_layer_hook(layer, prompt_length if targeted else None))
+        for index, layer in spec.layers.items()
+    ]
     try:
         yield
     finally:
@@ -126,7 +147,7 @@ def generate_reference(
     spec = spec or SteeringSpec()
     device = next(model.parameters()).device
     input_ids = torch.tensor([list(prompt_ids)], device=device)
-    with steering_hooks(model, spec), capture_hooks(model, capture_layers) as records:
+    with steering_hooks(model, spec, len(prompt_ids)), capture_hooks(model, capture_layers) as records:
         output = model.generate(
             input_ids,
             attention_mask=torch.ones_like(input_ids),
@@ -145,10 +166,15 @@ def generate_reference(
 
 @torch.no_grad()
 def forward_reference(
-    model: nn.Module, token_ids: Sequence[int], spec: SteeringSpec | None = None, capture_layers: Sequence[int] = ()
+    model: nn.Module,
+    token_ids: Sequence[int],
+    spec: SteeringSpec | None = None,
+    capture_layers: Sequence[int] = (),
+    prompt_length: int | None = None,
 ) -> dict[int, Tensor]:
-    """One teacher-forced forward over ``token_ids``: layer -> ``[len, hidden]`` residual stream."""
+    """One teacher-forced forward over ``token_ids``: layer -> ``[len, hidden]``
+    residual stream (``prompt_length`` marks where generated tokens start)."""
     device = next(model.parameters()).device
-    with steering_hooks(model, spec or SteeringSpec()), capture_hooks(model, capture_layers) as records:
+    with steering_hooks(model, spec or SteeringSpec(), prompt_length), capture_hooks(model, capture_layers) as records:
         model(torch.tensor([list(token_ids)], device=device))
     return {layer: chunks[0] for layer, chunks in records.items()}

@@ -51,12 +51,26 @@ class StepPlan:
     """What the step about to run needs from each layer (read only in eager mode)."""
 
     eager: bool
-    layer_ops: dict[int, tuple[bool, bool, bool]] = field(default_factory=dict)
-    """Layer -> whether any request of the step uses its (add, cap, ablation)."""
+    layer_ops: dict[int, LayerUse] = field(default_factory=dict)
+    """Layer -> what the requests of the step use there."""
     capture_layers: frozenset[int] = frozenset()
 
 
-ALL_OPS = (True, True, True)
+@dataclass(frozen=True)
+class LayerUse:
+    """Which ops some request uses at a layer, and whether any is position-targeted."""
+
+    add: bool = False
+    cap: bool = False
+    ablation: bool = False
+    targeted: bool = False
+
+    def __or__(self, other: LayerUse) -> LayerUse:
+        return LayerUse(*(a or b for a, b in zip(vars(self).values(), vars(other).values())))
+
+
+FULL_USE = LayerUse(add=True, cap=True, ablation=True, targeted=True)
+NO_USE = LayerUse()
 
 
 class SteeredDecoderLayer(nn.Module):
@@ -76,6 +90,7 @@ class SteeredDecoderLayer(nn.Module):
         plan: StepPlan,
         num_slots: int,
         slot_index: Tensor,
+        generated_rows: Tensor,
         max_tokens: int,
         hidden_size: int,
         dtype: torch.dtype,
@@ -93,7 +108,9 @@ class SteeredDecoderLayer(nn.Module):
         self.register_buffer("cap_max", torch.full((rows, 1), torch.inf, **kw), persistent=False)
         self.register_buffer("ablation_directions", torch.zeros(rows, hidden_size, **kw), persistent=False)
         self.register_buffer("ablation_scales", torch.ones(rows, 1, **kw), persistent=False)
+        self.register_buffer("op_targets", torch.zeros(rows, 3, dtype=torch.int8, device=device), persistent=False)
         self.register_buffer("slot_index", slot_index, persistent=False)
+        self.register_buffer("generated_rows", generated_rows, persistent=False)
         self.register_buffer("captured", torch.zeros(max_tokens, hidden_size, **kw), persistent=False)
 
     def forward(
@@ -101,25 +118,31 @@ class SteeredDecoderLayer(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         out, residual = self.inner(positions, hidden_states, residual, *args, **kwargs)
         if not self.plan.eager:
-            return self._steer(out, residual, ALL_OPS, capture=True)
-        used = self.plan.layer_ops.get(self.index)
+            return self._steer(out, residual, FULL_USE, capture=True)
+        use = self.plan.layer_ops.get(self.index)
         capture = self.index in self.plan.capture_layers
-        if used is None and not capture:
+        if use is None and not capture:
             return out, residual
-        return self._steer(out, residual, used or (False, False, False), capture)
+        return self._steer(out, residual, use or NO_USE, capture)
 
-    def _steer(self, out: Tensor, residual: Tensor, used: tuple[bool, bool, bool], capture: bool) -> tuple[Tensor, Tensor]:
+    def _steer(self, out: Tensor, residual: Tensor, use: LayerUse, capture: bool) -> tuple[Tensor, Tensor]:
         stream = out + residual
-        slots = self.slot_index[: stream.shape[0]]
-        use_add, use_cap, use_ablation = used
+        rows = stream.shape[0]
+        slots = self.slot_index[:rows]
+        masks = ops.NO_MASKS
+        if use.targeted:
+            targets = self.op_targets[slots]
+            generated = self.generated_rows[:rows]
+            masks = tuple(ops.position_mask(targets[:, i : i + 1], generated) for i in range(3))  # type: ignore[assignment]
         steered = ops.apply_layer_ops(
             stream,
-            add=self.add_vectors[slots] if use_add else None,
-            cap_direction=self.cap_directions[slots] if use_cap else None,
-            cap_min=self.cap_min[slots] if use_cap else None,
-            cap_max=self.cap_max[slots] if use_cap else None,
-            ablation_direction=self.ablation_directions[slots] if use_ablation else None,
-            ablation_scale=self.ablation_scales[slots] if use_ablation else 1.0,
+            add=self.add_vectors[slots] if use.add else None,
+            cap_direction=self.cap_directions[slots] if use.cap else None,
+            cap_min=self.cap_min[slots] if use.cap else None,
+            cap_max=self.cap_max[slots] if use.cap else None,
+            ablation_direction=self.ablation_directions[slots] if use.ablation else None,
+            ablation_scale=self.ablation_scales[slots] if use.ablation else 1.0,
+            masks=masks,
         )
         if capture:
             record_rows(steered, self.captured)
@@ -147,3 +170,5 @@ class SteeredDecoderLayer(nn.Module):
         else:
             self.ablation_directions[slot] = ablation["vector"].to(self.ablation_directions)
             self.ablation_scales[slot] = ablation["scale"]
+        for column, op in enumerate((add, cap, ablation)):
+            self.op_targets[slot, column] = ops.TARGET_CODES[op["positions"]] if op else 0

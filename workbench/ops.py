@@ -44,6 +44,20 @@ def scale_component(hidden: Tensor, direction: Tensor, scale: float | Tensor) ->
     return hidden + (scale - 1.0) * projection(hidden, direction) * direction
 
 
+TARGET_CODES = {"all": 0, "prompt": 1, "generated": 2}
+"""Integer codes of a spec's ``positions``, as stored in the worker's tables."""
+
+
+def _where(mask: Tensor | None, changed: Tensor, hidden: Tensor) -> Tensor:
+    return changed if mask is None else torch.where(mask, changed, hidden)
+
+
+OpMasks = tuple[Tensor | None, Tensor | None, Tensor | None]
+"""Per-op row masks (``[T, 1]`` bool) for add, cap, ablation; ``None`` means every row."""
+
+NO_MASKS: OpMasks = (None, None, None)
+
+
 def apply_layer_ops(
     hidden: Tensor,
     add: Tensor | None,
@@ -52,13 +66,24 @@ def apply_layer_ops(
     cap_max: float | Tensor | None,
     ablation_direction: Tensor | None,
     ablation_scale: float | Tensor,
+    masks: OpMasks = NO_MASKS,
 ) -> Tensor:
     """All ops of one layer in their fixed order: add, then projection cap,
-    then ablation. ``None`` skips an op."""
+    then ablation. ``None`` skips an op; ``masks`` limit each op to some rows
+    (position targeting), leaving the other rows exactly as they were."""
+    add_mask, cap_mask, ablation_mask = masks
     if add is not None:
-        hidden = add_vector(hidden, add)
+        hidden = _where(add_mask, add_vector(hidden, add), hidden)
     if cap_direction is not None:
-        hidden = cap_projection(hidden, cap_direction, cap_min, cap_max)
+        hidden = _where(cap_mask, cap_projection(hidden, cap_direction, cap_min, cap_max), hidden)
     if ablation_direction is not None:
-        hidden = scale_component(hidden, ablation_direction, ablation_scale)
+        hidden = _where(ablation_mask, scale_component(hidden, ablation_direction, ablation_scale), hidden)
     return hidden
+
+
+def position_mask(target: int | Tensor, generated: Tensor) -> Tensor:
+    """Rows an op applies to, from its target code (see ``TARGET_CODES``) and
+    whether each row is a generated token (``[T, 1]`` bool): "all" takes every
+    row, "generated" the generated rows, "prompt" the others."""
+    return (target == TARGET_CODES["all"]) | ((target == TARGET_CODES["generated"]) == generated)
+

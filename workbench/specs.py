@@ -15,7 +15,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -27,8 +26,12 @@ import torch
 from torch import Tensor
 
 from workbench.errors import HiddenSizeError, LayerIndexError, SpecError
+from workbench.files import atomic_path
 
 FORMAT_VERSION = 1
+
+POSITIONS = ("all", "prompt", "generated")
+"""Which tokens an op acts on: every token, prompt tokens only, or generated tokens only."""
 
 
 def as_vector(value: Any, name: str) -> Tensor:
@@ -76,20 +79,28 @@ def _finite(value: Any, name: str) -> float:
     return number
 
 
+def _positions(value: Any, name: str) -> str:
+    if value not in POSITIONS:
+        raise SpecError(f"{name} must be one of {POSITIONS}, got {value!r}")
+    return value
+
+
 def _same_vector(a: Tensor, b: Tensor) -> bool:
     return a.shape == b.shape and torch.equal(a, b)
 
 
 @dataclass(frozen=True, eq=False)
 class AddSpec:
-    """Add ``vector * scale`` to the residual stream."""
+    """Add ``vector * scale`` to the residual stream (at ``positions``)."""
 
     vector: Tensor
     scale: float = 1.0
+    positions: str = "all"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "vector", as_vector(self.vector, "AddSpec.vector"))
         object.__setattr__(self, "scale", _finite(self.scale, "AddSpec.scale"))
+        _positions(self.positions, "AddSpec.positions")
 
     @property
     def effect(self) -> Tensor:
@@ -99,7 +110,7 @@ class AddSpec:
     def __eq__(self, other: object) -> bool:
         return (
             isinstance(other, AddSpec)
-            and self.scale == other.scale
+            and (self.scale, self.positions) == (other.scale, other.positions)
             and _same_vector(self.vector, other.vector)
         )
 
@@ -113,9 +124,11 @@ class ProjectionCapSpec:
     vector: Tensor
     min: float | None = None
     max: float | None = None
+    positions: str = "all"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "vector", as_direction(self.vector, "ProjectionCapSpec.vector"))
+        _positions(self.positions, "ProjectionCapSpec.positions")
         low = None if self.min is None else _finite(self.min, "ProjectionCapSpec.min")
         high = None if self.max is None else _finite(self.max, "ProjectionCapSpec.max")
         if low is None and high is None:
@@ -128,7 +141,7 @@ class ProjectionCapSpec:
     def __eq__(self, other: object) -> bool:
         return (
             isinstance(other, ProjectionCapSpec)
-            and (self.min, self.max) == (other.min, other.max)
+            and (self.min, self.max, self.positions) == (other.min, other.max, other.positions)
             and _same_vector(self.vector, other.vector)
         )
 
@@ -141,15 +154,17 @@ class AblationSpec:
 
     vector: Tensor
     scale: float = 0.0
+    positions: str = "all"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "vector", as_direction(self.vector, "AblationSpec.vector"))
         object.__setattr__(self, "scale", _finite(self.scale, "AblationSpec.scale"))
+        _positions(self.positions, "AblationSpec.positions")
 
     def __eq__(self, other: object) -> bool:
         return (
             isinstance(other, AblationSpec)
-            and self.scale == other.scale
+            and (self.scale, self.positions) == (other.scale, other.positions)
             and _same_vector(self.vector, other.vector)
         )
 
@@ -272,8 +287,8 @@ class SteeringSpec:
 
     # -- serialisation ---------------------------------------------------
 
-    def _scalars(self) -> dict[str, dict[str, dict[str, float | None]]]:
-        out: dict[str, dict[str, dict[str, float | None]]] = {}
+    def _scalars(self) -> dict[str, dict[str, dict[str, float | str | None]]]:
+        out: dict[str, dict[str, dict[str, float | str | None]]] = {}
         for index, layer in self.layers.items():
             out[str(index)] = {
                 name: {k: v for k, v in vars(op).items() if k != "vector"} for name, op in layer.ops()
@@ -329,22 +344,12 @@ class SteeringSpec:
         """Write a safetensors file (vectors as tensors, ops in its JSON metadata), atomically."""
         from safetensors.torch import save_file
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         metadata = {
-            "workbench_steering_spec": json.dumps(
-                {"format_version": FORMAT_VERSION, "layers": self._scalars()}
-            )
+            "workbench_steering_spec": json.dumps({"format_version": FORMAT_VERSION, "layers": self._scalars()})
         }
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             save_file(self._tensors(), tmp, metadata=metadata)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return Path(path)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> SteeringSpec:
@@ -383,7 +388,11 @@ class SteeringSpec:
         for index, layer in self.layers.items():
             ops = []
             for name, op in layer.ops():
-                params = ", ".join(f"{k}={v:g}" for k, v in vars(op).items() if k != "vector" and v is not None)
+                params = ", ".join(
+                    f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in vars(op).items()
+                    if k != "vector" and v is not None and v != "all"
+                )
                 ops.append(f"{name}({params})")
             parts.append(f"{index}: " + " + ".join(ops))
         return "SteeringSpec({" + "; ".join(parts) + "})"

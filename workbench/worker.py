@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from workbench import _vllm_internals as vi
 from workbench.capture import CaptureAccumulator
-from workbench.layer import StepPlan, SteeredDecoderLayer
+from workbench.layer import LayerUse, StepPlan, SteeredDecoderLayer
 from workbench.model_layers import decoder_layer_list
 from workbench.specs import SteeringSpec
 
@@ -54,13 +54,15 @@ def encode_spec(spec: SteeringSpec) -> dict[str, Any]:
         layer_params: dict[str, Any] = {}
         if layer.add is not None:
             tensors[f"{index}.add"] = layer.add.effect
-            layer_params["add"] = {}
+            layer_params["add"] = {"positions": layer.add.positions}
         if layer.projection_cap is not None:
-            tensors[f"{index}.projection_cap"] = layer.projection_cap.vector
-            layer_params["projection_cap"] = {"min": layer.projection_cap.min, "max": layer.projection_cap.max}
+            cap = layer.projection_cap
+            tensors[f"{index}.projection_cap"] = cap.vector
+            layer_params["projection_cap"] = {"min": cap.min, "max": cap.max, "positions": cap.positions}
         if layer.ablation is not None:
-            tensors[f"{index}.ablation"] = layer.ablation.vector
-            layer_params["ablation"] = {"scale": layer.ablation.scale}
+            ablation = layer.ablation
+            tensors[f"{index}.ablation"] = ablation.vector
+            layer_params["ablation"] = {"scale": ablation.scale, "positions": ablation.positions}
         params[str(index)] = layer_params
     return {"params": params, "tensors": save_tensors(tensors)}
 
@@ -90,14 +92,20 @@ class SteeringRuntime:
     """The steered layers of one worker, the shared slot index, and captures in progress."""
 
     def __init__(
-        self, layers: dict[int, SteeredDecoderLayer], slot_index: Tensor, plan: StepPlan, num_slots: int
+        self,
+        layers: dict[int, SteeredDecoderLayer],
+        slot_index: Tensor,
+        generated_rows: Tensor,
+        plan: StepPlan,
+        num_slots: int,
     ) -> None:
         self.layers = layers
         self.slot_index = slot_index
+        self.generated_rows = generated_rows
         self.plan = plan
         self.num_slots = num_slots
-        self._slot_ops: dict[int, dict[int, tuple[bool, bool, bool]]] = {}
-        """Slot -> layer -> which ops its spec uses there."""
+        self._slot_use: dict[int, dict[int, LayerUse]] = {}
+        """Slot -> layer -> what its spec uses there."""
         self.records_captures = True
         self.hooked = False
         self._captures: dict[str, CaptureAccumulator] = {}
@@ -108,26 +116,32 @@ class SteeringRuntime:
     # step hooks (called around every forward by the model runner)
 
     def before_step(self, runner: Any) -> None:
+        """Write each row's slot and phase (prompt or generated) for the step about to run."""
         self._step = list(vi.scheduled_requests(runner))
         end = self._step[-1].end if self._step else 0
         num_rows = max(end, self._rows_written)
         slots = np.zeros(num_rows, dtype=np.int64)
+        generated = np.zeros((num_rows, 1), dtype=np.bool_)
         used_slots: set[int] = set()
         capture_layers: set[int] = set()
         for request in self._step:
-            if request.payload is not None:
-                slots[request.start : request.end] = request.payload["slot"]
-                used_slots.add(request.payload["slot"])
-                capture_layers.update(request.payload.get("layers", ()))
+            if request.payload is None:
+                continue
+            slot = request.payload["slot"]
+            slots[request.start : request.end] = slot
+            first_generated = request.num_prompt_tokens - request.first_position
+            generated[request.start + max(first_generated, 0) : request.end] = True
+            used_slots.add(slot)
+            capture_layers.update(request.payload.get("layers", ()))
         self.slot_index[:num_rows].copy_(torch.from_numpy(slots))
+        self.generated_rows[:num_rows].copy_(torch.from_numpy(generated))
         self._rows_written = end
         if self.plan.eager:
-            layer_ops: dict[int, tuple[bool, bool, bool]] = {}
+            layer_use: dict[int, LayerUse] = {}
             for slot in used_slots:
-                for layer, used in self._slot_ops.get(slot, {}).items():
-                    current = layer_ops.get(layer, (False, False, False))
-                    layer_ops[layer] = (current[0] or used[0], current[1] or used[1], current[2] or used[2])
-            self.plan.layer_ops = layer_ops
+                for layer, use in self._slot_use.get(slot, {}).items():
+                    layer_use[layer] = layer_use.get(layer, use) | use
+            self.plan.layer_ops = layer_use
             self.plan.capture_layers = frozenset(capture_layers)
 
     def after_step(self, runner: Any) -> None:
@@ -160,8 +174,14 @@ class SteeringRuntime:
         layers = decode_spec(payload)
         for index, layer in self.layers.items():
             layer.write_slot(slot, layers.get(index))
-        self._slot_ops[slot] = {
-            index: ("add" in ops, "projection_cap" in ops, "ablation" in ops) for index, ops in layers.items()
+        self._slot_use[slot] = {
+            index: LayerUse(
+                add="add" in ops,
+                cap="projection_cap" in ops,
+                ablation="ablation" in ops,
+                targeted=any(op["positions"] != "all" for op in ops.values()),
+            )
+            for index, ops in layers.items()
         }
 
     def fetch(self, capture_ids: list[str]) -> dict[str, Any]:
@@ -204,15 +224,18 @@ def install_steering(model: nn.Module, vllm_config: Any) -> SteeringRuntime:
     device = next(model.parameters()).device
     layer_list = decoder_layer_list(model)
     slot_index = torch.zeros(max_tokens, dtype=torch.long, device=device)
+    generated_rows = torch.zeros(max_tokens, 1, dtype=torch.bool, device=device)
     plan = StepPlan(eager=vi.runs_python_every_step(vllm_config))
     steered: dict[int, SteeredDecoderLayer] = {}
     for index, layer in enumerate(layer_list):
         if vi.is_missing_layer(layer):
             continue
-        wrapper = SteeredDecoderLayer(layer, index, plan, num_slots, slot_index, max_tokens, hidden_size, dtype, device)
+        wrapper = SteeredDecoderLayer(
+            layer, index, plan, num_slots, slot_index, generated_rows, max_tokens, hidden_size, dtype, device
+        )
         layer_list[index] = wrapper
         steered[index] = wrapper
-    runtime = SteeringRuntime(steered, slot_index, plan, num_slots)
+    runtime = SteeringRuntime(steered, slot_index, generated_rows, plan, num_slots)
     model.workbench_runtime = runtime
     logger.info(
         "workbench: steering installed on %d layers, %d slots, %s mode",
