@@ -45,6 +45,8 @@ class Preset:
     rounds: int
     load_format: str = "auto"
     max_model_len: int = 1024
+    gpu_memory_utilization: float = 0.9
+    """Per engine; the GPU preset runs two engines on one card."""
     engine_kwargs: tuple[tuple[str, Any], ...] = ()
 
 
@@ -60,6 +62,7 @@ PRESETS = {
         output_tokens=128,
         rounds=5,
         load_format="dummy",
+        gpu_memory_utilization=0.44,
         engine_kwargs=(("skip_tokenizer_init", True),),
     ),
 }
@@ -113,6 +116,7 @@ async def main(args: argparse.Namespace) -> None:
         dtype=preset.dtype,
         max_model_len=preset.max_model_len,
         load_format=preset.load_format,
+        gpu_memory_utilization=preset.gpu_memory_utilization,
         max_steering_slots=64,
         engine_kwargs=engine_kwargs,
     )
@@ -121,6 +125,8 @@ async def main(args: argparse.Namespace) -> None:
 
         enforce_eager = is_cpu_platform()
 
+    # Plain vLLM runs as shipped (its default model runner); workbench pins the V1 runner.
+    plain_runner_v2 = torch.cuda.is_available() and os.environ.get("VLLM_USE_V2_MODEL_RUNNER") != "0"
     start = time.perf_counter()
     plain = AsyncLLM.from_engine_args(
         AsyncEngineArgs(
@@ -128,6 +134,7 @@ async def main(args: argparse.Namespace) -> None:
             dtype=preset.dtype,
             max_model_len=preset.max_model_len,
             load_format=preset.load_format,
+            gpu_memory_utilization=preset.gpu_memory_utilization,
             enforce_eager=enforce_eager,
             seed=0,
             **engine_kwargs,
@@ -212,6 +219,7 @@ async def main(args: argparse.Namespace) -> None:
             "enforce_eager": enforce_eager,
         },
         "versions": {"vllm": vllm.__version__, "torch": torch.__version__, "python": platform.python_version()},
+        "plain_runner": "V2" if plain_runner_v2 else "V1",
         "startup_s": {"plain vLLM": round(plain_startup, 1), "workbench": round(steered_startup, 1)},
         "tok_per_s": {name: [round(v, 1) for v in values] for name, values in samples.items()},
         "median_tok_per_s": {name: round(v, 1) for name, v in medians.items()},

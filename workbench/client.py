@@ -143,7 +143,9 @@ class VLLMSteerModel:
         self.cfg = cfg = cfg or VLLMSteeringConfig()
         # vLLM reads these when it starts its engine processes, which inherit them.
         for key, value in vi.engine_env().items():
-            os.environ.setdefault(key, value)
+            if os.environ.get(key, value) != value:
+                logger.warning("workbench needs %s=%s (was %s); overriding", key, value, os.environ[key])
+            os.environ[key] = value
         if enforce_eager is None:
             enforce_eager = vi.is_cpu_platform()
         self.enforce_eager = enforce_eager
@@ -253,16 +255,18 @@ class VLLMSteerModel:
         sampling_params: Any = None,
         capture_layers: Sequence[int] | None = None,
         steering_spec: SteeringSpec | Sequence[SteeringSpec | None] | None = None,
-    ) -> list[str] | tuple[list[str], list[CaptureHandle]]:
+        raw_output: bool = False,
+    ) -> list[Any] | tuple[list[Any], list[CaptureHandle]]:
         """Generate one completion per prompt (a string or a list of token ids).
 
         ``steering_spec`` is one spec for every prompt or a list with one per
         prompt (``None`` entries use the current steering state). Returns the
-        texts, or ``(texts, handles)`` when ``capture_layers`` is given.
+        texts (vLLM ``RequestOutput``s with ``raw_output=True``), or
+        ``(texts, handles)`` when ``capture_layers`` is given.
         """
         token_ids = self._tokenize_prompts(prompts)
         outputs = await self._generate_tokens(token_ids, sampling_params, capture_layers, steering_spec)
-        texts = [output.outputs[0].text for output, _ in outputs]
+        texts = [output if raw_output else output.outputs[0].text for output, _ in outputs]
         if capture_layers is None:
             return texts
         return texts, [handle for _, handle in outputs if handle is not None]

@@ -88,6 +88,41 @@ def request_payload(slot: int, capture_id: str | None, capture_layers: tuple[int
 # -- worker-side state --------------------------------------------------------
 
 
+class StepInputBuffer:
+    """A persistent device tensor refilled from the host before every step.
+
+    On CUDA the rows go through two pinned staging buffers used in turn, with
+    non-blocking copies: a pageable copy would make the CPU wait for the GPU
+    to drain and undo vLLM's overlap of input preparation with the previous
+    step. Before a staging buffer is reused, the copy that read it is waited
+    for (it was issued a step earlier, so this rarely waits).
+    """
+
+    def __init__(self, target: Tensor) -> None:
+        self.target = target
+        self._staging: list[Tensor] = []
+        self._copied: list[Any] = []
+        if target.is_cuda:
+            self._staging = [torch.empty(target.shape, dtype=target.dtype).pin_memory() for _ in range(2)]
+            self._copied = [None, None]
+        self._turn = 0
+
+    def write(self, rows: np.ndarray) -> None:
+        count = rows.shape[0]
+        if not self._staging:
+            self.target[:count].copy_(torch.from_numpy(rows))
+            return
+        if self._copied[self._turn] is not None:
+            self._copied[self._turn].synchronize()
+        staging = self._staging[self._turn]
+        staging[:count].copy_(torch.from_numpy(rows))
+        self.target[:count].copy_(staging[:count], non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._copied[self._turn] = event
+        self._turn ^= 1
+
+
 class SteeringRuntime:
     """The steered layers of one worker, the shared slot index, and captures in progress."""
 
@@ -100,8 +135,8 @@ class SteeringRuntime:
         num_slots: int,
     ) -> None:
         self.layers = layers
-        self.slot_index = slot_index
-        self.generated_rows = generated_rows
+        self.slot_index = StepInputBuffer(slot_index)
+        self.generated_rows = StepInputBuffer(generated_rows)
         self.plan = plan
         self.num_slots = num_slots
         self._slot_use: dict[int, dict[int, LayerUse]] = {}
@@ -133,8 +168,8 @@ class SteeringRuntime:
             generated[request.start + max(first_generated, 0) : request.end] = True
             used_slots.add(slot)
             capture_layers.update(request.payload.get("layers", ()))
-        self.slot_index[:num_rows].copy_(torch.from_numpy(slots))
-        self.generated_rows[:num_rows].copy_(torch.from_numpy(generated))
+        self.slot_index.write(slots)
+        self.generated_rows.write(generated)
         self._rows_written = end
         if self.plan.eager:
             layer_use: dict[int, LayerUse] = {}
@@ -159,8 +194,11 @@ class SteeringRuntime:
                     accumulator = CaptureAccumulator(tuple(payload["layers"]))
                     self._captures[capture_id] = accumulator
                 for layer in accumulator.layers:
+                    # A device-side copy, ordered on the stream before the next
+                    # step overwrites the buffer: no host sync here. Rows move
+                    # to the CPU when fetched.
                     rows = self.layers[layer].captured[request.start : request.end]
-                    accumulator.add(layer, request.first_position, rows.to("cpu", copy=True))
+                    accumulator.add(layer, request.first_position, rows.clone())
         for capture_id in list(self._released):
             self._released[capture_id] -= 1
             if self._released[capture_id] <= 0:
@@ -202,7 +240,7 @@ class SteeringRuntime:
                 errors[capture_id] = accumulator.gap
                 continue
             for layer, rows in accumulator.assemble().items():
-                tensors[f"{capture_id}/{layer}"] = rows
+                tensors[f"{capture_id}/{layer}"] = rows.cpu()
         return {"tensors": save_tensors(tensors), "errors": errors}
 
     def release(self, capture_ids: list[str]) -> None:

@@ -1,0 +1,131 @@
+"""GPU checks (vLLM with CUDA graphs): skipped without CUDA.
+
+Run on the lent GPU machine (see bench/README.md): dummy bf16 weights of the
+embedded model's shape (vLLM seeds dummy weights, so every engine here holds
+the same ones), token-id prompts, no tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("needs CUDA", allow_module_level=True)
+
+from vllm import SamplingParams  # noqa: E402
+
+from workbench import AddSpec, LayerSteeringSpec, SteeringSpec, VLLMSteeringConfig, VLLMSteerModel  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+SMOLLM2_SHAPE = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576,
+    "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+    "num_key_value_heads": 3, "vocab_size": 49152, "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5, "rope_theta": 100000.0, "tie_word_embeddings": True,
+    "hidden_act": "silu", "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2,
+}
+GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+PROMPTS = [[(7 * i + 13 * j) % 40000 + 100 for j in range(11 + 5 * i)] for i in range(6)]
+
+
+def make_engine(path: str, eager: bool, tp: int = 1) -> VLLMSteerModel:
+    cfg = VLLMSteeringConfig(
+        model_name=path, dtype="bfloat16", max_model_len=512, load_format="dummy",
+        gpu_memory_utilization=0.25, tensor_parallel_size=tp, max_steering_slots=8,
+        engine_kwargs={"skip_tokenizer_init": True},
+    )
+    return VLLMSteerModel(cfg, enforce_eager=eager)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("smollm2-shape")
+    (folder / "config.json").write_text(json.dumps(SMOLLM2_SHAPE))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+async def graphs(model_dir):
+    engine = make_engine(model_dir, eager=False)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+async def eager(model_dir):
+    engine = make_engine(model_dir, eager=True)
+    yield engine
+    engine.close()
+
+
+def spec(layer: int, seed: int, scale: float = 1.0, positions: str = "all") -> SteeringSpec:
+    vector = torch.randn(576, generator=torch.Generator().manual_seed(seed))
+    return SteeringSpec({layer: LayerSteeringSpec(add=AddSpec(vector, scale=scale, positions=positions))})
+
+
+async def token_ids(model, prompts, steering_spec=None):
+    outputs = await model.generate(prompts, GREEDY, steering_spec=steering_spec, raw_output=True)
+    return [list(output.outputs[0].token_ids) for output in outputs]
+
+
+async def test_cuda_graphs_steer_change_and_restore(graphs):
+    assert not graphs.enforce_eager
+    baseline = await token_ids(graphs, PROMPTS)
+    await graphs.set_layer_vector(3, spec(3, 0).layers[3].add.vector * 0.05)
+    steered = await token_ids(graphs, PROMPTS)
+    await graphs.set_layer_vector(3, spec(3, 1).layers[3].add.vector * 0.05)
+    changed = await token_ids(graphs, PROMPTS)
+    await graphs.clear_all_vectors()
+    restored = await token_ids(graphs, PROMPTS)
+    assert steered != baseline and changed != steered
+    assert restored == baseline
+
+
+async def test_per_request_specs_in_one_graphed_batch_equal_solo(graphs):
+    specs = [SteeringSpec(), spec(3, 2, 0.05), spec(10, 3, 0.05), spec(20, 4, 0.05, "generated"),
+             spec(3, 2, 0.05), SteeringSpec()]
+    together = await token_ids(graphs, PROMPTS, specs)
+    solo = [(await token_ids(graphs, [prompt], s))[0] for prompt, s in zip(PROMPTS, specs)]
+    assert together == solo
+    assert together[1] != together[0]
+
+
+async def test_graphed_captures_equal_eager_captures(graphs, eager):
+    steering = [spec(5, 7, 0.05), SteeringSpec(), spec(12, 8, 0.05, "prompt")]
+    results = []
+    for engine in (graphs, eager):
+        _, handles = await engine.generate(PROMPTS[:3], GREEDY, capture_layers=[5, 12, 29], steering_spec=steering)
+        await engine.fetch_captures_batch(handles)
+        results.append(handles)
+    for graphed, plain in zip(*results):
+        assert graphed.generated_token_ids == plain.generated_token_ids
+        for layer in (5, 12, 29):
+            a, b = graphed.hidden(layer).float(), plain.hidden(layer).float()
+            assert a.shape == b.shape == (len(graphed.prompt_token_ids) + 23, 576)
+            cosine = torch.nn.functional.cosine_similarity(a, b, dim=-1).min().item()
+            assert cosine > 0.99, (layer, cosine)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+async def test_tensor_parallel_two_equals_one(model_dir, graphs):
+    tp2 = make_engine(model_dir, eager=False, tp=2)
+    try:
+        steering = [spec(5, 9, 0.05), SteeringSpec()]
+        results = []
+        for engine in (graphs, tp2):
+            _, handles = await engine.generate(PROMPTS[:2], GREEDY, capture_layers=[5, 20], steering_spec=steering)
+            await engine.fetch_captures_batch(handles)
+            results.append(handles)
+        for one, two in zip(*results):
+            assert len(two.captures[5]) == 1  # recorded once, not per rank
+            for layer in (5, 20):
+                cosine = torch.nn.functional.cosine_similarity(
+                    one.hidden(layer).float(), two.hidden(layer).float(), dim=-1
+                ).min().item()
+                assert cosine > 0.99, (layer, cosine)
+    finally:
+        tp2.close()
