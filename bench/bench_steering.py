@@ -46,7 +46,7 @@ class Preset:
     load_format: str = "auto"
     max_model_len: int = 1024
     gpu_memory_utilization: float = 0.9
-    """Per engine; the GPU preset runs two engines on one card."""
+    """Per engine; the GPU preset runs three engines on one card."""
     engine_kwargs: tuple[tuple[str, Any], ...] = ()
 
 
@@ -62,7 +62,7 @@ PRESETS = {
         output_tokens=128,
         rounds=5,
         load_format="dummy",
-        gpu_memory_utilization=0.44,
+        gpu_memory_utilization=0.3,
         engine_kwargs=(("skip_tokenizer_init", True),),
     ),
 }
@@ -108,6 +108,7 @@ async def main(args: argparse.Namespace) -> None:
     from workbench.embedded import resolve_model_name
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # both engines fit beside each other on CPU
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")  # the plain engine starts before ours sets it
     preset = PRESETS[args.preset]
     enforce_eager = args.eager
     engine_kwargs = dict(preset.engine_kwargs)
@@ -125,22 +126,29 @@ async def main(args: argparse.Namespace) -> None:
 
         enforce_eager = is_cpu_platform()
 
-    # Plain vLLM runs as shipped (its default model runner); workbench pins the V1 runner.
-    plain_runner_v2 = torch.cuda.is_available() and os.environ.get("VLLM_USE_V2_MODEL_RUNNER") != "0"
-    start = time.perf_counter()
-    plain = AsyncLLM.from_engine_args(
-        AsyncEngineArgs(
-            model=resolve_model_name(preset.model),
-            dtype=preset.dtype,
-            max_model_len=preset.max_model_len,
-            load_format=preset.load_format,
-            gpu_memory_utilization=preset.gpu_memory_utilization,
-            enforce_eager=enforce_eager,
-            seed=0,
-            **engine_kwargs,
+    def plain_engine() -> AsyncLLM:
+        return AsyncLLM.from_engine_args(
+            AsyncEngineArgs(
+                model=resolve_model_name(preset.model),
+                dtype=preset.dtype,
+                max_model_len=preset.max_model_len,
+                load_format=preset.load_format,
+                gpu_memory_utilization=preset.gpu_memory_utilization,
+                enforce_eager=enforce_eager,
+                seed=0,
+                **engine_kwargs,
+            )
         )
-    )
+
+    # Plain vLLM runs as shipped (its default model runner). Workbench pins the
+    # V1 runner, so on CUDA (where V2 is the default) plain vLLM on V1 runs too.
+    start = time.perf_counter()
+    plain = plain_engine()
     plain_startup = time.perf_counter() - start
+    plain_v1 = None
+    if torch.cuda.is_available():
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        plain_v1 = plain_engine()
     start = time.perf_counter()
     model = VLLMSteerModel(cfg, enforce_eager=enforce_eager)
     steered_startup = time.perf_counter() - start
@@ -149,10 +157,10 @@ async def main(args: argparse.Namespace) -> None:
     prompts = prompt_ids(preset, vocab)
     params = SamplingParams(temperature=0.0, max_tokens=preset.output_tokens, ignore_eos=True)
 
-    async def run_plain(batch: list[list[int]]) -> int:
+    async def run_plain(batch: list[list[int]], engine: Any = plain) -> int:
         async def one(ids: list[int], index: int) -> int:
             final = None
-            async for out in plain.generate({"prompt_token_ids": ids}, params, f"plain-{time.time_ns()}-{index}"):
+            async for out in engine.generate({"prompt_token_ids": ids}, params, f"plain-{time.time_ns()}-{index}"):
                 final = out
             return len(final.outputs[0].token_ids)
 
@@ -180,6 +188,7 @@ async def main(args: argparse.Namespace) -> None:
     middle = layers // 2
     configs: dict[str, Callable[[], Awaitable[int]]] = {
         "plain vLLM": lambda: run_plain(prompts),
+        **({"plain vLLM, V1 runner": lambda: run_plain(prompts, plain_v1)} if plain_v1 else {}),
         "runtime loaded, no steering": lambda: run_steered(prompts, SteeringSpec()),
         f"one global spec: add on all {layers} layers": lambda: run_steered(prompts, global_add),
         "add + cap + ablate on 8 layers": lambda: run_steered(prompts, global_mixed),
@@ -200,6 +209,8 @@ async def main(args: argparse.Namespace) -> None:
         logger.info("round %d/%d done", round_index + 1, preset.rounds)
     model.close()
     plain.shutdown()
+    if plain_v1 is not None:
+        plain_v1.shutdown()
 
     medians = {name: statistics.median(values) for name, values in samples.items()}
     reference = {name: medians["batch-1 decode, plain" if name.startswith("batch-1") else "plain vLLM"] for name in medians}
@@ -219,7 +230,9 @@ async def main(args: argparse.Namespace) -> None:
             "enforce_eager": enforce_eager,
         },
         "versions": {"vllm": vllm.__version__, "torch": torch.__version__, "python": platform.python_version()},
-        "plain_runner": "V2" if plain_runner_v2 else "V1",
+        "plain_runner": "V2 (CUDA default); 'plain vLLM, V1 runner' uses V1 like workbench"
+        if plain_v1
+        else "V1",
         "startup_s": {"plain vLLM": round(plain_startup, 1), "workbench": round(steered_startup, 1)},
         "tok_per_s": {name: [round(v, 1) for v in values] for name, values in samples.items()},
         "median_tok_per_s": {name: round(v, 1) for name, v in medians.items()},

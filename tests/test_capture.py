@@ -13,20 +13,24 @@ def rows(start: int, count: int) -> torch.Tensor:
     return torch.arange(start, start + count, dtype=torch.float32).unsqueeze(1).repeat(1, 2)
 
 
+def step(rows_: torch.Tensor, layer: int = 0) -> dict[int, torch.Tensor]:
+    return {layer: rows_}
+
+
 def test_chunks_concatenate_in_order():
     acc = CaptureAccumulator((3,))
-    acc.add(3, 0, rows(0, 4))
-    acc.add(3, 4, rows(4, 3))
-    acc.add(3, 7, rows(7, 1))
+    acc.add(0, step(rows(0, 4), 3), 0, 4)
+    acc.add(4, step(torch.cat([rows(50, 2), rows(4, 3)]), 3), 2, 5)  # rows 2..5 of a shared step snapshot
+    acc.add(7, step(rows(7, 1), 3), 0, 1)
     assert torch.equal(acc.assemble()[3], rows(0, 8))
     assert acc.gap is None
 
 
 def test_recomputed_rows_replace_what_they_overlap():
     acc = CaptureAccumulator((0,))
-    acc.add(0, 0, rows(0, 5))
-    acc.add(0, 5, rows(5, 1))
-    acc.add(0, 3, rows(3, 4) + 100)  # a preempted request recomputed from position 3
+    acc.add(0, step(rows(0, 5)), 0, 5)
+    acc.add(5, step(rows(5, 1)), 0, 1)
+    acc.add(3, step(rows(3, 4) + 100), 0, 4)  # a preempted request recomputed from position 3
     assembled = acc.assemble()[0]
     assert torch.equal(assembled[:3], rows(0, 3))
     assert torch.equal(assembled[3:], rows(3, 4) + 100)
@@ -34,8 +38,8 @@ def test_recomputed_rows_replace_what_they_overlap():
 
 def test_gaps_are_reported():
     acc = CaptureAccumulator((0,))
-    acc.add(0, 2, rows(2, 2))
-    assert acc.gap == "layer 0: rows 0..1 were never computed"
+    acc.add(2, step(rows(2, 2)), 0, 2)
+    assert acc.gap == "rows 0..1 were never computed"
 
 
 def make_handle(**kw) -> CaptureHandle:

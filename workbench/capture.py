@@ -25,34 +25,39 @@ logger = logging.getLogger(__name__)
 class CaptureAccumulator:
     """Rows of one request at some layers, kept in sequence order.
 
-    A chunk starting before the rows already held (vLLM recomputing a
-    preempted request) replaces what it overlaps; a chunk starting after them
-    marks the capture as having a gap, which ``assemble`` reports.
+    Each step adds one chunk: the step's snapshot of every captured layer
+    (shared by all requests of the step) and this request's row range in it,
+    so recording costs one tuple per request and step; rows are sliced out
+    and joined only in ``assemble``. A chunk starting before the positions
+    already held (vLLM recomputing a preempted request) replaces what it
+    overlaps; one starting after them marks a gap, which ``assemble``'s
+    caller reports.
     """
 
     def __init__(self, layers: tuple[int, ...]) -> None:
         self.layers = layers
-        self._chunks: dict[int, list[tuple[int, Tensor]]] = {layer: [] for layer in layers}
-        self._length: dict[int, int] = dict.fromkeys(layers, 0)
+        self._chunks: list[tuple[int, int, int, dict[int, Tensor]]] = []  # (position, start, end, snapshots)
+        self._length = 0
         self.gap: str | None = None
 
-    def add(self, layer: int, first_position: int, rows: Tensor) -> None:
-        chunks = self._chunks[layer]
-        if first_position < self._length[layer]:
-            while chunks and chunks[-1][0] >= first_position:
-                chunks.pop()
-            if chunks:
-                start, last = chunks[-1]
-                chunks[-1] = (start, last[: first_position - start])
-            self._length[layer] = first_position
-        elif first_position > self._length[layer] and self.gap is None:
-            self.gap = f"layer {layer}: rows {self._length[layer]}..{first_position - 1} were never computed"
-        chunks.append((first_position, rows))
-        self._length[layer] = first_position + rows.shape[0]
+    def add(self, first_position: int, snapshots: dict[int, Tensor], start: int, end: int) -> None:
+        if first_position < self._length:
+            while self._chunks and self._chunks[-1][0] >= first_position:
+                self._chunks.pop()
+            if self._chunks:
+                position, old_start, _, old = self._chunks[-1]
+                self._chunks[-1] = (position, old_start, old_start + first_position - position, old)
+        elif first_position > self._length and self.gap is None:
+            self.gap = f"rows {self._length}..{first_position - 1} were never computed"
+        self._chunks.append((first_position, start, end, snapshots))
+        self._length = first_position + end - start
 
     def assemble(self) -> dict[int, Tensor]:
         """One ``[tokens, hidden]`` tensor per layer."""
-        return {layer: torch.cat([rows for _, rows in chunks]) for layer, chunks in self._chunks.items()}
+        return {
+            layer: torch.cat([snapshots[layer][start:end] for _, start, end, snapshots in self._chunks])
+            for layer in self.layers
+        }
 
 
 @dataclass(frozen=True)

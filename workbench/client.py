@@ -142,10 +142,12 @@ class VLLMSteerModel:
 
         self.cfg = cfg = cfg or VLLMSteeringConfig()
         # vLLM reads these when it starts its engine processes, which inherit them.
-        for key, value in vi.engine_env().items():
+        for key, value in vi.required_env().items():
             if os.environ.get(key, value) != value:
                 logger.warning("workbench needs %s=%s (was %s); overriding", key, value, os.environ[key])
             os.environ[key] = value
+        for key, value in vi.default_env().items():
+            os.environ.setdefault(key, value)
         if enforce_eager is None:
             enforce_eager = vi.is_cpu_platform()
         self.enforce_eager = enforce_eager

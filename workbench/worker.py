@@ -180,7 +180,11 @@ class SteeringRuntime:
             self.plan.capture_layers = frozenset(capture_layers)
 
     def after_step(self, runner: Any) -> None:
+        """Record the rows of capturing requests: one device-side snapshot per
+        captured layer (ordered on the stream before the next step overwrites
+        the buffer, so no host sync), shared by the step's requests."""
         if self.records_captures:
+            capturing = []
             for request in self._step:
                 payload = request.payload
                 if payload is None or "capture_id" not in payload:
@@ -193,12 +197,13 @@ class SteeringRuntime:
                 if accumulator is None:
                     accumulator = CaptureAccumulator(tuple(payload["layers"]))
                     self._captures[capture_id] = accumulator
-                for layer in accumulator.layers:
-                    # A device-side copy, ordered on the stream before the next
-                    # step overwrites the buffer: no host sync here. Rows move
-                    # to the CPU when fetched.
-                    rows = self.layers[layer].captured[request.start : request.end]
-                    accumulator.add(layer, request.first_position, rows.clone())
+                capturing.append((request, accumulator))
+            if capturing:
+                end = self._step[-1].end
+                layers = {layer for _, accumulator in capturing for layer in accumulator.layers}
+                snapshots = {layer: self.layers[layer].captured[:end].clone() for layer in layers}
+                for request, accumulator in capturing:
+                    accumulator.add(request.first_position, snapshots, request.start, request.end)
         for capture_id in list(self._released):
             self._released[capture_id] -= 1
             if self._released[capture_id] <= 0:
