@@ -2,5 +2,6 @@
 
 from workbench.notebook.bridge import LoopThread
 from workbench.notebook.engine import EngineConfigError, NotebookEngine, get_engine, shutdown_engine
+from workbench.notebook.panels import Workbench
 
-__all__ = ["EngineConfigError", "LoopThread", "NotebookEngine", "get_engine", "shutdown_engine"]
+__all__ = ["EngineConfigError", "LoopThread", "NotebookEngine", "Workbench", "get_engine", "shutdown_engine"]

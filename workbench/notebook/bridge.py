@@ -29,6 +29,13 @@ T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 600.0
 
 
+def _call_safely(callback: Callable[..., None], *args: Any) -> None:
+    try:
+        callback(*args)
+    except Exception:
+        logger.exception("error in a workbench completion callback")
+
+
 class LoopThread:
     """An asyncio event loop running forever in a daemon thread."""
 
@@ -52,28 +59,30 @@ class LoopThread:
     ) -> concurrent.futures.Future[T]:
         """Schedule ``coro`` on the loop thread and return at once.
 
-        ``on_done(result, error)`` runs in the loop thread when it finishes;
-        exceptions it raises are logged, never lost silently.
+        ``on_done(result, error)`` runs in the loop thread when it finishes,
+        before the returned future resolves; exceptions it raises are logged,
+        never lost silently.
         """
         if not self.is_running:
             coro.close()
             raise EngineClosedError("the engine loop thread has stopped")
-        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
         if on_done is not None:
+            coro = self._reporting(coro, on_done)
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
-            def done(fut: concurrent.futures.Future[T]) -> None:
-                try:
-                    if fut.cancelled():
-                        on_done(None, concurrent.futures.CancelledError())
-                    elif fut.exception() is not None:
-                        on_done(None, fut.exception())
-                    else:
-                        on_done(fut.result(), None)
-                except Exception:
-                    logger.exception("error in a workbench completion callback")
-
-            future.add_done_callback(done)
-        return future
+    @staticmethod
+    async def _reporting(
+        coro: Coroutine[Any, Any, T], on_done: Callable[[T | None, BaseException | None], None]
+    ) -> T:
+        # The callback runs before the future resolves, so whoever waits on the
+        # future sees its effects.
+        try:
+            result = await coro
+        except BaseException as error:
+            _call_safely(on_done, None, error)
+            raise
+        _call_safely(on_done, result, None)
+        return result
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = DEFAULT_TIMEOUT_S) -> T:
         """Run ``coro`` on the loop thread and wait for it (not from the loop thread itself)."""

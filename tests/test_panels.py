@@ -1,0 +1,81 @@
+"""Widget panels driven as a user would (set values, click), on a real engine; no browser."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import ENGINE_SETTINGS
+from workbench import SpecError, VLLMSteeringConfig
+from workbench.notebook import Workbench, get_engine, shutdown_engine
+from workbench.notebook.panels import RowState, rows_to_spec
+from workbench.vector_library import VectorLibrary
+
+
+def test_rows_to_spec_builds_the_described_ops(tmp_path):
+    library = VectorLibrary(tmp_path)
+    library.save("v", torch.arange(1.0, 7.0))
+    rows = [
+        RowState(layer=2, op="add", seed=3, scale=5.0),
+        RowState(layer=2, op="cap", source="library", vector_name="v", cap_range=(-1.0, 2.0)),
+        RowState(layer=4, op="ablate", seed=1, scale=0.0),
+        RowState(layer=9, op="add", enabled=False),
+    ]
+    spec = rows_to_spec(rows, hidden_size=6, library=library)
+    assert sorted(spec.layers) == [2, 4]
+    add = spec.layers[2].add
+    expected = torch.randn(6, generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(add.effect, expected / expected.norm() * 5.0)
+    cap = spec.layers[2].projection_cap
+    assert (cap.min, cap.max) == (-1.0, 2.0)
+    assert torch.allclose(cap.vector, torch.arange(1.0, 7.0) / torch.arange(1.0, 7.0).norm())
+    assert spec.layers[4].ablation.scale == 0.0
+    with pytest.raises(SpecError, match="no vector named 'missing'"):
+        rows_to_spec([RowState(layer=1, source="library", vector_name="missing")], 6, library)
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    engine = get_engine(VLLMSteeringConfig(**{**ENGINE_SETTINGS, "max_steering_slots": 4}))
+    yield Workbench(engine, plot_layer=6, library_dir=tmp_path_factory.mktemp("vectors"))
+    shutdown_engine()
+
+
+@pytest.mark.slow
+def test_steering_editor_applies_and_chat_compares(bench, tmp_path):
+    model = bench.engine.model
+    row = bench.steering.add_row(RowState(layer=3))
+    row.scale.value = 120.0  # as if the slider moved
+    bench.steering.apply().result(60)
+    assert model.export_steering_spec() == bench.steering.current_spec()
+    assert "3: add(scale=120)" in bench.steering.spec_text.value
+    assert bench.steering.status.value == "applied"
+
+    bench.chat.max_tokens.value = 12
+    bench.chat.input.value = "Tell me a fact about cats."
+    bench.chat.send().result(120)
+    turn = bench.chat.turns[-1]
+    assert set(turn.replies) == {"baseline", "steered"}
+    assert turn.replies["baseline"] != turn.replies["steered"]
+    assert "Tell me a fact about cats." in bench.chat.transcript.value
+    assert bench.chat.history[-1]["content"] == turn.replies["steered"]
+    plots = bench.activations.figures()
+    assert [trace.name for trace in plots["layer_norms"].data] == ["baseline", "steered"]
+    assert len(plots["layer_norms"].data[0].x) == model.layer_count
+    assert len(plots["layer_cosines"].data[0].x) == model.layer_count
+    assert len(plots["message_norms"].data) == 2
+    assert plots["token_heatmap"].data[0].z is not None
+
+    # Errors in a callback reach the status line, and the panel keeps working.
+    bad = bench.steering.add_row(RowState(layer=5, source="library", vector_name="nope"))
+    assert bench.steering.apply() is None
+    assert "no vector named" in bench.steering.status.value
+    bench.steering._remove(bad)
+
+    bench.steering.path.value = str(tmp_path / "spec.safetensors")
+    bench.steering.save()
+    bench.steering.clear().result(60)
+    assert model.export_steering_spec().is_empty()
+    bench.steering.load()
+    bench.steering.last_future.result(60)
+    assert model.export_steering_spec() == rows_to_spec([RowState(layer=3, scale=120.0)], model.hidden_size)

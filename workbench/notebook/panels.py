@@ -1,0 +1,361 @@
+"""Widget panels: steering editor, chat (with baseline/steered compare) and
+live activation plots, composed by ``Workbench``.
+
+Panels hold widgets and talk to the engine only through the bridge
+(``NotebookEngine.submit``), so no callback blocks the kernel while the model
+generates. The state -> spec logic is a plain function (``rows_to_spec``) and
+the plots are ``figures`` builders, both testable without widgets. Errors
+raised in callbacks are shown in the panel's status line.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ipywidgets as w
+import plotly.graph_objects as go
+import torch
+
+from workbench.notebook import figures
+from workbench.notebook.engine import NotebookEngine
+from workbench.specs import AblationSpec, AddSpec, LayerSteeringSpec, ProjectionCapSpec, SteeringSpec
+from workbench.tables import captures_frame
+from workbench.vector_library import VectorLibrary
+
+logger = logging.getLogger(__name__)
+
+OPS = ("add", "cap", "ablate")
+
+
+@dataclass
+class RowState:
+    """One steering row of the editor, as plain values."""
+
+    layer: int
+    op: str = "add"
+    source: str = "random"
+    """"random" (seeded) or the name of a vector in the library folder."""
+    seed: int = 0
+    vector_name: str = ""
+    scale: float = 4.0
+    cap_range: tuple[float, float] = (-5.0, 5.0)
+    enabled: bool = True
+
+
+def _direction(row: RowState, hidden_size: int, library: VectorLibrary | None) -> torch.Tensor:
+    if row.source == "random":
+        vector = torch.randn(hidden_size, generator=torch.Generator().manual_seed(row.seed))
+        return vector / vector.norm()
+    if library is None:
+        raise ValueError(f"row for layer {row.layer} names vector {row.vector_name!r} but no library folder is set")
+    vector, _ = library.load(row.vector_name)
+    return vector
+
+
+def rows_to_spec(rows: list[RowState], hidden_size: int, library: VectorLibrary | None = None) -> SteeringSpec:
+    """The spec the editor's rows describe (disabled rows are skipped; later rows
+    replace earlier ones for the same layer and op)."""
+    layers: dict[int, dict[str, Any]] = {}
+    for row in rows:
+        if not row.enabled:
+            continue
+        vector = _direction(row, hidden_size, library)
+        ops = layers.setdefault(row.layer, {})
+        if row.op == "add":
+            ops["add"] = AddSpec(vector, scale=row.scale)
+        elif row.op == "cap":
+            ops["projection_cap"] = ProjectionCapSpec(vector, min=row.cap_range[0], max=row.cap_range[1])
+        elif row.op == "ablate":
+            ops["ablation"] = AblationSpec(vector, scale=row.scale)
+        else:
+            raise ValueError(f"unknown op {row.op!r}; known: {OPS}")
+    return SteeringSpec({layer: LayerSteeringSpec(**ops) for layer, ops in layers.items()})
+
+
+def _error_html(error: BaseException) -> str:
+    return f"<span style='color:#b00020'>{html.escape(type(error).__name__)}: {html.escape(str(error))}</span>"
+
+
+class _StatusMixin:
+    status: w.HTML
+
+    def _report(self, error: BaseException | None, ok: str = "") -> None:
+        self.status.value = _error_html(error) if error is not None else html.escape(ok)
+
+
+class SteeringRow:
+    """Widgets of one ``RowState``."""
+
+    def __init__(self, state: RowState, layer_count: int, on_remove: Any) -> None:
+        self.layer = w.BoundedIntText(value=state.layer, min=0, max=layer_count - 1, description="layer", layout={"width": "150px"})
+        self.op = w.Dropdown(options=OPS, value=state.op, layout={"width": "90px"})
+        self.source = w.Dropdown(options=["random", "library"], value="random" if state.source == "random" else "library", layout={"width": "100px"})
+        self.seed = w.IntText(value=state.seed, description="seed", layout={"width": "130px"})
+        self.vector_name = w.Text(value=state.vector_name, placeholder="vector name", layout={"width": "140px"})
+        self.scale = w.FloatSlider(value=state.scale, min=-200.0, max=200.0, step=1.0, description="scale", continuous_update=False)
+        self.cap_range = w.FloatRangeSlider(value=state.cap_range, min=-50.0, max=50.0, step=0.5, description="cap", continuous_update=False)
+        self.enabled = w.Checkbox(value=state.enabled, description="on", indent=False, layout={"width": "50px"})
+        remove = w.Button(icon="trash", tooltip="remove row", layout={"width": "36px"})
+        remove.on_click(lambda _: on_remove(self))
+        self.box = w.HBox([self.enabled, self.layer, self.op, self.source, self.seed, self.vector_name, self.scale, self.cap_range, remove])
+        self.op.observe(self._show_relevant, names="value")
+        self.source.observe(self._show_relevant, names="value")
+        self._show_relevant()
+
+    def _show_relevant(self, _: Any = None) -> None:
+        self.cap_range.layout.display = "" if self.op.value == "cap" else "none"
+        self.scale.layout.display = "none" if self.op.value == "cap" else ""
+        self.scale.description = "keep" if self.op.value == "ablate" else "scale"
+        self.seed.layout.display = "" if self.source.value == "random" else "none"
+        self.vector_name.layout.display = "none" if self.source.value == "random" else ""
+
+    def state(self) -> RowState:
+        return RowState(
+            layer=self.layer.value, op=self.op.value,
+            source="random" if self.source.value == "random" else "library",
+            seed=self.seed.value, vector_name=self.vector_name.value, scale=self.scale.value,
+            cap_range=tuple(self.cap_range.value), enabled=self.enabled.value,
+        )
+
+
+class SteeringPanel(_StatusMixin):
+    """Edit steering row by row; Apply swaps the model's spec atomically."""
+
+    def __init__(self, engine: NotebookEngine, library_dir: str | Path = "vectors") -> None:
+        self.engine = engine
+        self.library = VectorLibrary(library_dir)
+        self.rows: list[SteeringRow] = []
+        self.rows_box = w.VBox()
+        self.spec_text = w.HTML("<code>SteeringSpec(empty)</code>")
+        self.status = w.HTML()
+        self.path = w.Text(value="steering.safetensors", description="file")
+        add_row = w.Button(description="Add row", icon="plus")
+        apply = w.Button(description="Apply", button_style="primary", icon="check")
+        clear = w.Button(description="Clear", icon="eraser")
+        save = w.Button(description="Save", icon="save")
+        load = w.Button(description="Load", icon="folder-open")
+        add_row.on_click(lambda _: self.add_row(RowState(layer=min(4, engine.model.layer_count - 1))))
+        apply.on_click(lambda _: self.apply())
+        clear.on_click(lambda _: self.clear())
+        save.on_click(lambda _: self.save())
+        load.on_click(lambda _: self.load())
+        self.apply_button = apply
+        self.last_future: Any = None
+        self.widget = w.VBox(
+            [w.HTML("<b>Steering</b>"), self.rows_box, w.HBox([add_row, apply, clear]),
+             w.HBox([self.path, save, load]), self.spec_text, self.status]
+        )
+
+    def add_row(self, state: RowState) -> SteeringRow:
+        row = SteeringRow(state, self.engine.model.layer_count, self._remove)
+        self.rows.append(row)
+        self.rows_box.children = [r.box for r in self.rows]
+        return row
+
+    def _remove(self, row: SteeringRow) -> None:
+        self.rows.remove(row)
+        self.rows_box.children = [r.box for r in self.rows]
+
+    def current_spec(self) -> SteeringSpec:
+        return rows_to_spec([row.state() for row in self.rows], self.engine.model.hidden_size, self.library)
+
+    def apply(self) -> Any:
+        """Build the spec from the rows and apply it (atomically) on the engine."""
+        try:
+            spec = self.current_spec()
+        except Exception as error:  # shown to the user, not lost
+            self._report(error)
+            return None
+        self.spec_text.value = f"<code>{html.escape(repr(spec))}</code>"
+        self.last_future = self.engine.submit(
+            self.engine.model.apply_steering_spec(spec), lambda _, error: self._report(error, "applied")
+        )
+        return self.last_future
+
+    def clear(self) -> Any:
+        self.rows = []
+        self.rows_box.children = []
+        return self.apply()
+
+    def save(self) -> None:
+        try:
+            self.current_spec().save(self.path.value)
+            self._report(None, f"saved to {self.path.value}")
+        except Exception as error:
+            self._report(error)
+
+    def load(self) -> None:
+        """Load a spec file and apply it (rows are not rebuilt from files: the text shows it)."""
+        try:
+            spec = SteeringSpec.load(self.path.value)
+        except Exception as error:
+            self._report(error)
+            return
+        self.spec_text.value = f"<code>{html.escape(repr(spec))}</code>"
+        self.last_future = self.engine.submit(
+            self.engine.model.apply_steering_spec(spec), lambda _, error: self._report(error, f"loaded {self.path.value}")
+        )
+
+
+@dataclass
+class Turn:
+    user: str
+    replies: dict[str, str] = field(default_factory=dict)
+    """Label ("steered", "baseline") -> reply text."""
+
+
+class ActivationsPanel:
+    """Live plots of the latest turn's captures."""
+
+    def __init__(self, layer: int) -> None:
+        self.layer = layer
+        self.layer_norms = go.FigureWidget(figures.build_layer_norm_figure(_empty_frame()))
+        self.message_norms = go.FigureWidget(figures.build_message_norm_figure(_empty_frame(), layer))
+        self.layer_cosines = go.FigureWidget(figures.build_layer_cosine_figure(_empty_cosines()))
+        self.heatmap = go.FigureWidget(figures.build_token_heatmap_figure(_empty_frame()))
+        self.frame = _empty_frame()
+        self.widget = w.VBox([w.HBox([self.layer_norms, self.message_norms]), w.HBox([self.layer_cosines, self.heatmap])])
+
+    def update(self, handles: list[Any], labels: list[str], tokenizer: Any) -> None:
+        self.frame = captures_frame(handles, tokenizer, labels=labels)
+        cosines = figures.layer_cosines(handles[0], handles[1]) if len(handles) > 1 else _empty_cosines()
+        _replace(self.layer_norms, figures.build_layer_norm_figure(self.frame))
+        _replace(self.message_norms, figures.build_message_norm_figure(self.frame, self.layer))
+        _replace(self.layer_cosines, figures.build_layer_cosine_figure(cosines))
+        _replace(self.heatmap, figures.build_token_heatmap_figure(self.frame, labels[-1]))
+
+    def figures(self) -> dict[str, go.FigureWidget]:
+        return {"layer_norms": self.layer_norms, "message_norms": self.message_norms,
+                "layer_cosines": self.layer_cosines, "token_heatmap": self.heatmap}
+
+
+def _empty_frame() -> Any:
+    import pandas as pd
+
+    return pd.DataFrame(columns=["request", "layer", "position", "token_id", "token", "phase", "message", "role", "norm"]).astype(
+        {"layer": int, "position": int, "message": int, "norm": float}
+    )
+
+
+def _empty_cosines() -> Any:
+    import pandas as pd
+
+    return pd.DataFrame({"layer": [], "cosine": []})
+
+
+def _replace(widget: go.FigureWidget, figure: go.Figure) -> None:
+    """Swap a FigureWidget's traces and title for a freshly built figure's, in one message."""
+    with widget.batch_update():
+        widget.data = []
+        for trace in figure.data:
+            widget.add_trace(trace)
+        widget.layout.title = figure.layout.title
+
+
+class ChatPanel(_StatusMixin):
+    """Chat with the steered model; "compare" also generates the unsteered reply in the same batch."""
+
+    def __init__(self, engine: NotebookEngine, activations: ActivationsPanel) -> None:
+        self.engine = engine
+        self.activations = activations
+        self.history: list[dict[str, str]] = []
+        self.turns: list[Turn] = []
+        self.transcript = w.HTML()
+        self.system = w.Textarea(value="You are a helpful assistant.", description="system", layout={"width": "95%"})
+        self.prefill = w.Text(placeholder="assistant prefill (optional)", description="prefill", layout={"width": "95%"})
+        self.input = w.Text(placeholder="Say something", description="you", layout={"width": "70%"})
+        self.send_button = w.Button(description="Send", button_style="primary", icon="paper-plane")
+        self.compare = w.Checkbox(value=True, description="compare with baseline")
+        self.temperature = w.FloatSlider(value=0.0, min=0.0, max=1.5, step=0.05, description="temperature", continuous_update=False)
+        self.max_tokens = w.IntSlider(value=48, min=1, max=512, description="max tokens", continuous_update=False)
+        self.status = w.HTML()
+        self.last_future: Any = None
+        self.send_button.on_click(lambda _: self.send())
+        self.input.on_submit(lambda _: self.send())
+        reset = w.Button(description="New chat", icon="refresh")
+        reset.on_click(lambda _: self.reset())
+        self.widget = w.VBox(
+            [w.HTML("<b>Chat</b>"), self.system, self.transcript, w.HBox([self.input, self.send_button, reset]),
+             self.prefill, w.HBox([self.compare, self.temperature, self.max_tokens]), self.status]
+        )
+
+    def reset(self) -> None:
+        self.history, self.turns = [], []
+        self._render()
+
+    def _render(self) -> None:
+        parts = []
+        for turn in self.turns:
+            parts.append(f"<p><b>you:</b> {html.escape(turn.user)}</p>")
+            for label, reply in turn.replies.items():
+                parts.append(f"<p><b>{html.escape(label)}:</b> {html.escape(reply)}</p>")
+        self.transcript.value = "".join(parts)
+
+    def send(self) -> Any:
+        """Send the input box's text; returns the bridge future (widgets update when it finishes)."""
+        text = self.input.value.strip()
+        if not text:
+            return None
+        from vllm import SamplingParams
+
+        messages = ([{"role": "system", "content": self.system.value}] if self.system.value.strip() else [])
+        messages += [*self.history, {"role": "user", "content": text}]
+        options = None
+        if self.prefill.value:
+            messages.append({"role": "assistant", "content": self.prefill.value})
+            options = {"add_generation_prompt": False, "continue_final_message": True}
+        model = self.engine.model
+        current = model.export_steering_spec()
+        labels = ["baseline", "steered"] if self.compare.value else ["steered"]
+        specs = [SteeringSpec(), current] if self.compare.value else [current]
+        params = SamplingParams(temperature=self.temperature.value, max_tokens=self.max_tokens.value)
+        self.input.value = ""
+        self.status.value = "generating..."
+
+        async def turn() -> tuple[list[Any], list[Any]]:
+            responses, handles = await model.chat(
+                [messages] * len(specs), sampling_params=params, chat_options=options,
+                capture_layers=list(range(model.layer_count)), steering_spec=specs,
+            )
+            await model.fetch_captures_batch(handles)
+            return responses, handles
+
+        def done(result: Any, error: BaseException | None) -> None:
+            if error is not None:
+                self._report(error)
+                return
+            responses, handles = result
+            self.turns.append(Turn(text, {label: r.full_text() for label, r in zip(labels, responses)}))
+            self.history += [{"role": "user", "content": text}, responses[-1].to_message()]
+            self._render()
+            self.activations.update(handles, labels, model.tokenizer)
+            self._report(None, "")
+
+        self.last_future = self.engine.submit(turn(), done)
+        return self.last_future
+
+
+class Workbench:
+    """Steering editor, chat and activation plots for one engine.
+
+    Example::
+
+        from workbench.notebook import get_engine, Workbench
+        bench = Workbench(get_engine())
+        bench  # displays the panels
+    """
+
+    def __init__(self, engine: NotebookEngine, plot_layer: int | None = None, library_dir: str | Path = "vectors") -> None:
+        layer = plot_layer if plot_layer is not None else engine.model.layer_count // 2
+        self.engine = engine
+        self.steering = SteeringPanel(engine, library_dir)
+        self.activations = ActivationsPanel(layer)
+        self.chat = ChatPanel(engine, self.activations)
+        self.widget = w.VBox([w.HBox([self.chat.widget, self.steering.widget]), self.activations.widget])
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+        return self.widget._repr_mimebundle_(**kwargs)
