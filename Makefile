@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.workbench-installed
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 
-.PHONY: setup model demo test test-fast bench-cpu clean-venv
+.PHONY: setup model demo test test-fast lab bench-cpu clean-venv
 
 setup: $(STAMP) model
 
@@ -30,6 +30,9 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow"
+
+lab: setup
+	$(VENV)/bin/jupyter lab notebooks/ --ip 127.0.0.1 --no-browser
 
 bench-cpu: setup
 	$(PY) bench/bench_steering.py --preset cpu
