@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.workbench-installed
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 
-.PHONY: setup model demo test test-fast lab bench-cpu clean-venv
+.PHONY: setup model browser demo test test-fast lab bench-cpu clean-venv
 
 setup: $(STAMP) model
 
@@ -19,13 +19,17 @@ $(STAMP): pyproject.toml
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec triton
 	touch $(STAMP)
 
+# Debian's Chromium for the real-browser test (never a downloaded browser build).
+browser:
+	command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
+
 model: $(STAMP)
 	$(PY) -m workbench.embedded
 
 demo: setup
 	$(PY) scripts/steering_smoke.py --layer 4 --scale 8 --max-tokens 32
 
-test: setup
+test: setup browser
 	$(PY) -m pytest
 
 test-fast: setup

@@ -10,10 +10,12 @@ message.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
 
 from workbench.client import VLLMSteeringConfig, VLLMSteerModel
@@ -29,6 +31,28 @@ class EngineConfigError(WorkbenchError):
     """The running engine was started with another configuration."""
 
 
+@contextlib.contextmanager
+def _elapsed(description: str) -> Iterator[None]:
+    """A progress line with elapsed time while something of unknown length runs."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=None, desc=description, bar_format="{desc}: {elapsed}")
+    stop = threading.Event()
+
+    def tick() -> None:
+        while not stop.wait(1.0):
+            bar.refresh()
+
+    ticker = threading.Thread(target=tick, daemon=True)
+    ticker.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        ticker.join()
+        bar.close()
+
+
 class NotebookEngine:
     """The shared model plus the loop thread it runs on."""
 
@@ -36,12 +60,16 @@ class NotebookEngine:
         self.config = config
         self.engine_kwargs = engine_kwargs
         self.bridge = LoopThread()
+        # vLLM's engine processes log their whole configuration at INFO; in a
+        # notebook that buries the cell's output. A user's own setting wins.
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
         async def start() -> VLLMSteerModel:
             # Built on the loop thread so vLLM's AsyncLLM binds to that loop.
             return VLLMSteerModel(config, **engine_kwargs)
 
-        self.model: VLLMSteerModel = self.bridge.run(start(), timeout=None)
+        with _elapsed(f"starting the engine ({config.model_name})"):
+            self.model: VLLMSteerModel = self.bridge.run(start(), timeout=None)
 
     @property
     def is_alive(self) -> bool:
