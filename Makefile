@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.workbench-installed
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 
-.PHONY: setup model browser demo test test-fast lab bench-cpu clean-venv
+.PHONY: setup model browser demo lint test test-fast lab bench-cpu clean-venv
 
 setup: $(STAMP) model
 
@@ -28,6 +28,10 @@ model: $(STAMP)
 
 demo: setup
 	$(PY) scripts/steering_smoke.py --layer 4 --scale 8 --max-tokens 32
+
+lint: setup
+	$(VENV)/bin/ruff check workbench tests scripts bench
+	$(VENV)/bin/ruff format --check workbench tests scripts bench
 
 test: setup browser
 	$(PY) -m pytest

@@ -77,7 +77,9 @@ def device_name() -> str:
 def prompt_ids(preset: Preset, vocab: int) -> list[list[int]]:
     generator = torch.Generator().manual_seed(0)
     upper = min(vocab, 32000)
-    return [torch.randint(100, upper, (preset.prompt_tokens,), generator=generator).tolist() for _ in range(preset.requests)]
+    return [
+        torch.randint(100, upper, (preset.prompt_tokens,), generator=generator).tolist() for _ in range(preset.requests)
+    ]
 
 
 def random_spec(layers: list[int], hidden: int, seed: int, with_cap_and_ablation: bool = False) -> SteeringSpec:
@@ -184,7 +186,9 @@ async def main(args: argparse.Namespace) -> None:
     global_add = random_spec(all_layers, hidden, seed=1)
     global_mixed = random_spec(eight, hidden, seed=2, with_cap_and_ablation=True)
     distinct16 = [random_spec(all_layers, hidden, seed=100 + i % 16) for i in range(preset.requests)]
-    distinct64 = [random_spec(eight, hidden, seed=200 + i % 64, with_cap_and_ablation=True) for i in range(preset.requests)]
+    distinct64 = [
+        random_spec(eight, hidden, seed=200 + i % 64, with_cap_and_ablation=True) for i in range(preset.requests)
+    ]
     middle = layers // 2
     configs: dict[str, Callable[[], Awaitable[int]]] = {
         "plain vLLM": lambda: run_plain(prompts),
@@ -213,7 +217,9 @@ async def main(args: argparse.Namespace) -> None:
         plain_v1.shutdown()
 
     medians = {name: statistics.median(values) for name, values in samples.items()}
-    reference = {name: medians["batch-1 decode, plain" if name.startswith("batch-1") else "plain vLLM"] for name in medians}
+    reference = {
+        name: medians["batch-1 decode, plain" if name.startswith("batch-1") else "plain vLLM"] for name in medians
+    }
     import vllm
 
     results = {
@@ -230,9 +236,7 @@ async def main(args: argparse.Namespace) -> None:
             "enforce_eager": enforce_eager,
         },
         "versions": {"vllm": vllm.__version__, "torch": torch.__version__, "python": platform.python_version()},
-        "plain_runner": "V2 (CUDA default); 'plain vLLM, V1 runner' uses V1 like workbench"
-        if plain_v1
-        else "V1",
+        "plain_runner": "V2 (CUDA default); 'plain vLLM, V1 runner' uses V1 like workbench" if plain_v1 else "V1",
         "startup_s": {"plain vLLM": round(plain_startup, 1), "workbench": round(steered_startup, 1)},
         "tok_per_s": {name: [round(v, 1) for v in values] for name, values in samples.items()},
         "median_tok_per_s": {name: round(v, 1) for name, v in medians.items()},
@@ -246,7 +250,7 @@ async def main(args: argparse.Namespace) -> None:
     path.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\n{results['device']} | vLLM {vllm.__version__} | torch {torch.__version__} | {mode}")
     print(f"startup: plain {plain_startup:.1f} s, workbench {steered_startup:.1f} s")
-    print(f"| configuration | median tok/s | vs plain |\n| --- | ---: | ---: |")
+    print("| configuration | median tok/s | vs plain |\n| --- | ---: | ---: |")
     for name in configs:
         print(f"| {name} | {medians[name]:,.0f} | {results['ratio_to_plain'][name]:.3f} |")
     print(f"\nwritten to {path}")
@@ -256,7 +260,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--eager", dest="eager", action="store_true", default=None, help="enforce_eager=True for both engines")
+    mode.add_argument(
+        "--eager", dest="eager", action="store_true", default=None, help="enforce_eager=True for both engines"
+    )
     mode.add_argument("--graphs", dest="eager", action="store_false", help="compile / CUDA graphs for both engines")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     asyncio.run(main(parser.parse_args()))

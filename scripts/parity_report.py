@@ -48,7 +48,9 @@ async def main() -> None:
             "cap (layer 5)": SteeringSpec(
                 {5: LayerSteeringSpec(projection_cap=ProjectionCapSpec(unit_mean(hf_model, ids, 5), min=-2, max=2))}
             ),
-            "ablate (layer 8)": SteeringSpec({8: LayerSteeringSpec(ablation=AblationSpec(unit_mean(hf_model, ids, 8)))}),
+            "ablate (layer 8)": SteeringSpec(
+                {8: LayerSteeringSpec(ablation=AblationSpec(unit_mean(hf_model, ids, 8)))}
+            ),
         }
         for name, spec in cases.items():
             _, handles = await model.generate(prompt, params, capture_layers=LAYERS, steering_spec=spec)

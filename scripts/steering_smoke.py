@@ -1,6 +1,6 @@
 """Quick steering check: baseline text, then text with a random vector added at one layer.
 
-    python scripts/steering_smoke.py --layer 2 --scale 8 --max-tokens 32
+python scripts/steering_smoke.py --layer 2 --scale 8 --max-tokens 32
 """
 
 from __future__ import annotations

@@ -22,8 +22,13 @@ import pytest
 
 CHROMIUM = Path(os.environ.get("BROWSER_PATH", "/usr/bin/chromium"))
 FLAGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-    "--no-first-run", "--disable-sync", "--disable-quic",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+    "--disable-quic",
 ]
 NOTEBOOK = Path(__file__).parent.parent / "notebooks" / "02_workbench.ipynb"
 
@@ -48,11 +53,24 @@ def lab(tmp_path_factory):
     (settings / "tracker.jupyterlab-settings").write_text('{"windowingMode": "none"}')
     port, token = free_port(), "workbench-test"
     server = subprocess.Popen(
-        [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--allow-root", f"--port={port}", "--ip=127.0.0.1",
-         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}", "--LabApp.extension_manager=readonly",
-         f"--LabApp.user_settings_dir={settings.parent.parent}",
-         "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
-        stdout=(root / "server.log").open("w"), stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "jupyter",
+            "lab",
+            "--no-browser",
+            "--allow-root",
+            f"--port={port}",
+            "--ip=127.0.0.1",
+            f"--IdentityProvider.token={token}",
+            f"--ServerApp.root_dir={root}",
+            "--LabApp.extension_manager=readonly",
+            f"--LabApp.user_settings_dir={settings.parent.parent}",
+            "--LabApp.news_url=",
+            "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+        ],
+        stdout=(root / "server.log").open("w"),
+        stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
@@ -128,7 +146,8 @@ def drive_workbench(page, url: str, token: str, expect) -> None:
     page.wait_for_function(
         "(before) => { const y = document.querySelectorAll('.js-plotly-plot')[0].data[0].y;"
         " return JSON.stringify(Array.from(y)) !== JSON.stringify(before); }",
-        arg=before, timeout=120_000,
+        arg=before,
+        timeout=120_000,
     )
     html = page.locator(".widget-html-content", has_text="Name a colour.").first.inner_html()
     assert html.count("<b>steered:</b>") == 2 and html.count("<b>baseline:</b>") == 2

@@ -43,8 +43,9 @@ def test_gaps_are_reported():
 
 
 def make_handle(**kw) -> CaptureHandle:
-    return CaptureHandle(request_id="r", capture_id="c", layer_indices=(1,), prompt_token_ids=(1, 2, 3),
-                         generated_token_ids=(4, 5), **kw)
+    return CaptureHandle(
+        request_id="r", capture_id="c", layer_indices=(1,), prompt_token_ids=(1, 2, 3), generated_token_ids=(4, 5), **kw
+    )
 
 
 def test_handle_requires_fetch_and_refuses_after_close():

@@ -27,7 +27,9 @@ def test_compile_cache_key_separates_steered_from_plain_engines():
     steered = engine_args(cfg, enforce_eager=False)
     plain = AsyncEngineArgs(model=steered.model, dtype="float32", max_model_len=512, seed=0, enforce_eager=False)
     assert config_hash(steered) != config_hash(plain)
-    salted = dataclasses.replace(steered, additional_config={"workbench": {**steered.additional_config["workbench"], "runtime": "other"}})
+    salted = dataclasses.replace(
+        steered, additional_config={"workbench": {**steered.additional_config["workbench"], "runtime": "other"}}
+    )
     assert config_hash(salted) != config_hash(steered)
 
 
@@ -43,7 +45,9 @@ async def compiled():
 async def test_compiled_mode_steers_restores_and_captures(compiled, hf):
     assert not compiled.enforce_eager
     baseline = await compiled.generate(PROMPT, GREEDY)
-    spec = SteeringSpec({4: LayerSteeringSpec(add=AddSpec(torch.randn(576, generator=torch.Generator().manual_seed(3)), scale=8.0))})
+    spec = SteeringSpec(
+        {4: LayerSteeringSpec(add=AddSpec(torch.randn(576, generator=torch.Generator().manual_seed(3)), scale=8.0))}
+    )
     async with compiled.steering(spec):
         steered = await compiled.generate(PROMPT, GREEDY)
     restored = await compiled.generate(PROMPT, GREEDY)
@@ -55,10 +59,12 @@ async def test_compiled_mode_steers_restores_and_captures(compiled, hf):
     assert mixed == [baseline[0], steered[0]]
 
     # Position targeting runs as per-token masks inside the compiled graph.
-    spec = SteeringSpec({
-        4: LayerSteeringSpec(add=AddSpec(spec.layers[4].add.vector, scale=8.0, positions="generated")),
-        9: LayerSteeringSpec(add=AddSpec(spec.layers[4].add.vector, scale=4.0, positions="prompt")),
-    })
+    spec = SteeringSpec(
+        {
+            4: LayerSteeringSpec(add=AddSpec(spec.layers[4].add.vector, scale=8.0, positions="generated")),
+            9: LayerSteeringSpec(add=AddSpec(spec.layers[4].add.vector, scale=4.0, positions="prompt")),
+        }
+    )
     _, handles = await compiled.generate(PROMPT, GREEDY, capture_layers=[4, 20], steering_spec=spec)
     await compiled.fetch_captures_batch(handles)
     reference = generate_reference(hf[0], handles[0].prompt_token_ids, 16, spec, [4, 20])

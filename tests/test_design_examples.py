@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from vllm import SamplingParams
 
 from workbench import (
-    AblationSpec,
     AddSpec,
     LayerSteeringSpec,
     ProjectionCapSpec,

@@ -19,9 +19,14 @@ def synthetic_frame() -> pd.DataFrame:
             for position in range(4):
                 rows.append(
                     {
-                        "request": request, "layer": layer, "position": position, "token_id": 10 + position,
-                        "token": f"t{position}", "phase": "prompt" if position < 3 else "generated",
-                        "message": 0 if position < 2 else 1, "role": "system" if position < 2 else "user",
+                        "request": request,
+                        "layer": layer,
+                        "position": position,
+                        "token_id": 10 + position,
+                        "token": f"t{position}",
+                        "phase": "prompt" if position < 3 else "generated",
+                        "message": 0 if position < 2 else 1,
+                        "role": "system" if position < 2 else "user",
                         "norm": layer + position + offset,
                     }
                 )
@@ -63,8 +68,12 @@ async def test_cosine_figures_from_real_captures(model):
     from workbench import AddSpec, LayerSteeringSpec, SteeringSpec
 
     spec = SteeringSpec({2: LayerSteeringSpec(add=AddSpec(vector))})
-    _, handles = await model.chat([conversation, conversation], sampling_params=greedy,
-                                  capture_layers=[1, 2, 8], steering_spec=[SteeringSpec(), spec])
+    _, handles = await model.chat(
+        [conversation, conversation],
+        sampling_params=greedy,
+        capture_layers=[1, 2, 8],
+        steering_spec=[SteeringSpec(), spec],
+    )
     await model.fetch_captures_batch(handles)
     cosines = figures.message_cosines(handles[0], 8)
     assert len(cosines) == 4
@@ -72,7 +81,9 @@ async def test_cosine_figures_from_real_captures(model):
     heatmap = figures.build_cosine_heatmap_figure(cosines)
     assert np.asarray(heatmap.data[0].z).shape == (2, 2)
     per_layer = figures.layer_cosines(handles[0], handles[1], prompt_only=True)
-    assert per_layer.loc[per_layer.layer == 1, "cosine"].item() == pytest.approx(1.0, abs=1e-6)  # before the steered layer
+    assert per_layer.loc[per_layer.layer == 1, "cosine"].item() == pytest.approx(
+        1.0, abs=1e-6
+    )  # before the steered layer
     assert per_layer.loc[per_layer.layer == 2, "cosine"].item() < 0.999
     assert len(figures.build_layer_cosine_figure(per_layer).data[0].x) == 3
     frame = captures_frame(handles, model.tokenizer, labels=["baseline", "steered"])

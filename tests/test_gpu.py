@@ -22,11 +22,22 @@ from workbench import AddSpec, LayerSteeringSpec, SteeringSpec, VLLMSteeringConf
 pytestmark = pytest.mark.gpu
 
 SMOLLM2_SHAPE = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576,
-    "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
-    "num_key_value_heads": 3, "vocab_size": 49152, "max_position_embeddings": 8192,
-    "rms_norm_eps": 1e-5, "rope_theta": 100000.0, "tie_word_embeddings": True,
-    "hidden_act": "silu", "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2,
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "vocab_size": 49152,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 100000.0,
+    "tie_word_embeddings": True,
+    "hidden_act": "silu",
+    "torch_dtype": "bfloat16",
+    "bos_token_id": 1,
+    "eos_token_id": 2,
 }
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 PROMPTS = [[(7 * i + 13 * j) % 40000 + 100 for j in range(11 + 5 * i)] for i in range(6)]
@@ -34,8 +45,13 @@ PROMPTS = [[(7 * i + 13 * j) % 40000 + 100 for j in range(11 + 5 * i)] for i in 
 
 def make_engine(path: str, eager: bool, tp: int = 1) -> VLLMSteerModel:
     cfg = VLLMSteeringConfig(
-        model_name=path, dtype="bfloat16", max_model_len=512, load_format="dummy",
-        gpu_memory_utilization=0.25, tensor_parallel_size=tp, max_steering_slots=8,
+        model_name=path,
+        dtype="bfloat16",
+        max_model_len=512,
+        load_format="dummy",
+        gpu_memory_utilization=0.25,
+        tensor_parallel_size=tp,
+        max_steering_slots=8,
         engine_kwargs={"skip_tokenizer_init": True},
     )
     return VLLMSteerModel(cfg, enforce_eager=eager)
@@ -86,8 +102,14 @@ async def test_cuda_graphs_steer_change_and_restore(graphs):
 
 
 async def test_per_request_specs_in_one_graphed_batch_equal_solo(graphs):
-    specs = [SteeringSpec(), spec(3, 2, 0.05), spec(10, 3, 0.05), spec(20, 4, 0.05, "generated"),
-             spec(3, 2, 0.05), SteeringSpec()]
+    specs = [
+        SteeringSpec(),
+        spec(3, 2, 0.05),
+        spec(10, 3, 0.05),
+        spec(20, 4, 0.05, "generated"),
+        spec(3, 2, 0.05),
+        SteeringSpec(),
+    ]
     together = await token_ids(graphs, PROMPTS, specs)
     solo = [(await token_ids(graphs, [prompt], s))[0] for prompt, s in zip(PROMPTS, specs)]
     assert together == solo
@@ -123,9 +145,11 @@ async def test_tensor_parallel_two_equals_one(model_dir, graphs):
         for one, two in zip(*results):
             assert len(two.captures[5]) == 1  # recorded once, not per rank
             for layer in (5, 20):
-                cosine = torch.nn.functional.cosine_similarity(
-                    one.hidden(layer).float(), two.hidden(layer).float(), dim=-1
-                ).min().item()
+                cosine = (
+                    torch.nn.functional.cosine_similarity(one.hidden(layer).float(), two.hidden(layer).float(), dim=-1)
+                    .min()
+                    .item()
+                )
                 assert cosine > 0.99, (layer, cosine)
     finally:
         tp2.close()

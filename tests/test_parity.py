@@ -92,8 +92,11 @@ async def test_concurrent_requests_each_equal_their_solo_run(model):
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(8)]
     generator = torch.Generator().manual_seed(7)
     specs = [
-        SteeringSpec() if i % 4 == 0 else
-        SteeringSpec({(i * 3) % 30: LayerSteeringSpec(add=AddSpec(torch.randn(576, generator=generator), scale=4.0))})
+        SteeringSpec()
+        if i % 4 == 0
+        else SteeringSpec(
+            {(i * 3) % 30: LayerSteeringSpec(add=AddSpec(torch.randn(576, generator=generator), scale=4.0))}
+        )
         for i in range(8)
     ]
     capture_sets = [[0], [1, 29], [5], [0, 14], [3], [20, 21], [9], [2, 28]]

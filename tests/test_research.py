@@ -139,7 +139,18 @@ async def test_tidy_tables(model):
     frame = capture_frame(handle, model.tokenizer, {"d": direction})
     rows = handle.expected_rows
     assert len(frame) == 2 * rows
-    assert set(frame.columns) >= {"request", "layer", "position", "token_id", "token", "phase", "message", "role", "norm", "proj_d"}
+    assert set(frame.columns) >= {
+        "request",
+        "layer",
+        "position",
+        "token_id",
+        "token",
+        "phase",
+        "message",
+        "role",
+        "norm",
+        "proj_d",
+    }
     layer7 = frame[frame.layer == 7].reset_index(drop=True)
     hidden = handle.hidden(7)
     assert np.allclose(layer7["norm"], hidden.norm(dim=-1).numpy(), rtol=1e-5)

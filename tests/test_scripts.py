@@ -14,8 +14,22 @@ ROOT = Path(__file__).parent.parent
 @pytest.mark.slow
 def test_steering_smoke_script():
     result = subprocess.run(
-        [sys.executable, "scripts/steering_smoke.py", "--layer", "4", "--scale", "60", "--max-tokens", "12", "--dtype", "float32"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "scripts/steering_smoke.py",
+            "--layer",
+            "4",
+            "--scale",
+            "60",
+            "--max-tokens",
+            "12",
+            "--dtype",
+            "float32",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = dict(line.split(":", 1) for line in result.stdout.splitlines() if ":" in line)

@@ -80,7 +80,9 @@ def test_bad_values_raise_spec_errors_naming_them(make, message):
 
 def test_mixed_hidden_sizes_are_rejected():
     with pytest.raises(HiddenSizeError, match=r"\[3, 4\]"):
-        SteeringSpec({0: LayerSteeringSpec(add=AddSpec(torch.ones(3))), 1: LayerSteeringSpec(add=AddSpec(torch.ones(4)))})
+        SteeringSpec(
+            {0: LayerSteeringSpec(add=AddSpec(torch.ones(3))), 1: LayerSteeringSpec(add=AddSpec(torch.ones(4)))}
+        )
 
 
 def test_validate_for_names_layer_and_size():
@@ -169,9 +171,17 @@ def test_property_valid_specs_round_trip(vector, low, width, scale):
 def test_positions_are_validated_and_round_trip(tmp_path):
     with pytest.raises(SpecError, match="AddSpec.positions must be one of"):
         AddSpec(torch.ones(3), positions="middle")
-    spec = SteeringSpec({1: LayerSteeringSpec(add=AddSpec(torch.ones(3), positions="generated"),
-                                              ablation=AblationSpec(torch.ones(3), positions="prompt"))})
+    spec = SteeringSpec(
+        {
+            1: LayerSteeringSpec(
+                add=AddSpec(torch.ones(3), positions="generated"),
+                ablation=AblationSpec(torch.ones(3), positions="prompt"),
+            )
+        }
+    )
     assert SteeringSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
     assert SteeringSpec.load(spec.save(tmp_path / "s.safetensors")) == spec
-    assert spec != SteeringSpec({1: LayerSteeringSpec(add=AddSpec(torch.ones(3)), ablation=AblationSpec(torch.ones(3), positions="prompt"))})
+    assert spec != SteeringSpec(
+        {1: LayerSteeringSpec(add=AddSpec(torch.ones(3)), ablation=AblationSpec(torch.ones(3), positions="prompt"))}
+    )
     assert "positions=generated" in repr(spec)

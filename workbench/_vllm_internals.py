@@ -151,4 +151,3 @@ def wrap_model_forward(
         return output
 
     runner._model_forward = model_forward
-

@@ -359,9 +359,7 @@ class VLLMSteerModel:
         specs = self._per_request_specs(steering_spec, len(token_ids))
         for i, ids in enumerate(token_ids):
             if len(ids) >= self.cfg.max_model_len:
-                raise ValueError(
-                    f"prompt {i} has {len(ids)} tokens; max_model_len is {self.cfg.max_model_len}"
-                )
+                raise ValueError(f"prompt {i} has {len(ids)} tokens; max_model_len is {self.cfg.max_model_len}")
         boundaries = boundaries or [()] * len(token_ids)
         return list(
             await asyncio.gather(

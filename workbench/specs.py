@@ -190,9 +190,7 @@ class LayerSteeringSpec:
         for name, kind in _OPS.items():
             value = getattr(self, name)
             if value is not None and not isinstance(value, kind):
-                raise SpecError(
-                    f"LayerSteeringSpec.{name} must be a {kind.__name__}, got {type(value).__name__}"
-                )
+                raise SpecError(f"LayerSteeringSpec.{name} must be a {kind.__name__}, got {type(value).__name__}")
 
     def is_empty(self) -> bool:
         return self.add is None and self.projection_cap is None and self.ablation is None
@@ -223,9 +221,7 @@ class SteeringSpec:
             if isinstance(index, bool) or not isinstance(index, int) or index < 0:
                 raise LayerIndexError(f"layer index must be a non-negative int, got {index!r}")
             if not isinstance(layer, LayerSteeringSpec):
-                raise SpecError(
-                    f"layer {index} must map to a LayerSteeringSpec, got {type(layer).__name__}"
-                )
+                raise SpecError(f"layer {index} must map to a LayerSteeringSpec, got {type(layer).__name__}")
             if not layer.is_empty():
                 cleaned[index] = layer
         sizes = {vec.numel() for layer in cleaned.values() for _, op in layer.ops() for vec in [op.vector]}
@@ -253,8 +249,7 @@ class SteeringSpec:
         for index in self.layers:
             if index >= layer_count:
                 raise LayerIndexError(
-                    f"layer {index} is out of range for a model with {layer_count} layers "
-                    f"(valid: 0..{layer_count - 1})"
+                    f"layer {index} is out of range for a model with {layer_count} layers (valid: 0..{layer_count - 1})"
                 )
         size = self.hidden_size
         if size is not None and size != hidden_size:
@@ -290,9 +285,7 @@ class SteeringSpec:
     def _scalars(self) -> dict[str, dict[str, dict[str, float | str | None]]]:
         out: dict[str, dict[str, dict[str, float | str | None]]] = {}
         for index, layer in self.layers.items():
-            out[str(index)] = {
-                name: {k: v for k, v in vars(op).items() if k != "vector"} for name, op in layer.ops()
-            }
+            out[str(index)] = {name: {k: v for k, v in vars(op).items() if k != "vector"} for name, op in layer.ops()}
         return out
 
     def _tensors(self) -> dict[str, Tensor]:

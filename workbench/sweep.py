@@ -27,7 +27,9 @@ if TYPE_CHECKING:
 SWEEP_OPS = ("add", "ablation")
 
 
-def sweep_specs(base: SteeringSpec, layer: int, vector: Any, scales: Sequence[float], op: str, positions: str) -> list[SteeringSpec]:
+def sweep_specs(
+    base: SteeringSpec, layer: int, vector: Any, scales: Sequence[float], op: str, positions: str
+) -> list[SteeringSpec]:
     """``base`` with ``layer``'s ``op`` set to ``vector`` at each scale."""
     if op not in SWEEP_OPS:
         raise SpecError(f"op must be one of {SWEEP_OPS}, got {op!r}")
@@ -66,8 +68,11 @@ async def run_sweep(
             texts, handles = await model.generate(prompt, sampling_params, capture_layers=[measure], steering_spec=spec)
         else:
             texts, handles = await model.chat(
-                prompt, sampling_params=sampling_params, capture_layers=[measure],
-                chat_options=chat_options, steering_spec=spec,
+                prompt,
+                sampling_params=sampling_params,
+                capture_layers=[measure],
+                chat_options=chat_options,
+                steering_spec=spec,
             )
         await model.fetch_captures_batch(handles)
         return str(texts[0]), handles[0]

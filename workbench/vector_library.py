@@ -48,7 +48,11 @@ class VectorLibrary:
             metadata = {**vector.metadata(), **metadata}
             vector = vector.vector
         tensor = as_vector(vector, f"vector {name!r}")
-        record = {"name": name, "hidden_size": tensor.numel(), "saved": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+        record = {
+            "name": name,
+            "hidden_size": tensor.numel(),
+            "saved": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        }
         record.update(metadata)
         try:
             text = json.dumps(record, indent=2, sort_keys=True)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from workbench import _vllm_internals as vi
 from workbench.capture import CaptureAccumulator
-from workbench.layer import LayerUse, StepPlan, SteeredDecoderLayer
+from workbench.layer import LayerUse, SteeredDecoderLayer, StepPlan
 from workbench.model_layers import decoder_layer_list
 from workbench.specs import SteeringSpec
 
@@ -291,7 +291,9 @@ def install_steering(model: nn.Module, vllm_config: Any) -> SteeringRuntime:
     model.workbench_runtime = runtime
     logger.info(
         "workbench: steering installed on %d layers, %d slots, %s mode",
-        len(steered), num_slots, "eager" if plan.eager else "compiled",
+        len(steered),
+        num_slots,
+        "eager" if plan.eager else "compiled",
     )
     return runtime
 

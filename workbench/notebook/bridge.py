@@ -71,9 +71,7 @@ class LoopThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     @staticmethod
-    async def _reporting(
-        coro: Coroutine[Any, Any, T], on_done: Callable[[T | None, BaseException | None], None]
-    ) -> T:
+    async def _reporting(coro: Coroutine[Any, Any, T], on_done: Callable[[T | None, BaseException | None], None]) -> T:
         # The callback runs before the future resolves, so whoever waits on the
         # future sees its effects.
         try:

@@ -104,9 +104,7 @@ def _differences(a: VLLMSteeringConfig, b: VLLMSteeringConfig) -> list[str]:
     ]
 
 
-def get_engine(
-    config: VLLMSteeringConfig | None = None, restart: bool = False, **engine_kwargs: Any
-) -> NotebookEngine:
+def get_engine(config: VLLMSteeringConfig | None = None, restart: bool = False, **engine_kwargs: Any) -> NotebookEngine:
     """The kernel's engine, started on first use (this takes a while; vLLM logs its progress)."""
     global _current
     with _lock:

@@ -91,17 +91,39 @@ class SteeringRow:
     """Widgets of one ``RowState``."""
 
     def __init__(self, state: RowState, layer_count: int, on_remove: Any) -> None:
-        self.layer = w.BoundedIntText(value=state.layer, min=0, max=layer_count - 1, description="layer", layout={"width": "150px"})
+        self.layer = w.BoundedIntText(
+            value=state.layer, min=0, max=layer_count - 1, description="layer", layout={"width": "150px"}
+        )
         self.op = w.Dropdown(options=OPS, value=state.op, layout={"width": "90px"})
-        self.source = w.Dropdown(options=["random", "library"], value="random" if state.source == "random" else "library", layout={"width": "100px"})
+        self.source = w.Dropdown(
+            options=["random", "library"],
+            value="random" if state.source == "random" else "library",
+            layout={"width": "100px"},
+        )
         self.seed = w.IntText(value=state.seed, description="seed", layout={"width": "130px"})
         self.vector_name = w.Text(value=state.vector_name, placeholder="vector name", layout={"width": "140px"})
-        self.scale = w.FloatSlider(value=state.scale, min=-200.0, max=200.0, step=1.0, description="scale", continuous_update=False)
-        self.cap_range = w.FloatRangeSlider(value=state.cap_range, min=-50.0, max=50.0, step=0.5, description="cap", continuous_update=False)
+        self.scale = w.FloatSlider(
+            value=state.scale, min=-200.0, max=200.0, step=1.0, description="scale", continuous_update=False
+        )
+        self.cap_range = w.FloatRangeSlider(
+            value=state.cap_range, min=-50.0, max=50.0, step=0.5, description="cap", continuous_update=False
+        )
         self.enabled = w.Checkbox(value=state.enabled, description="on", indent=False, layout={"width": "50px"})
         remove = w.Button(icon="trash", tooltip="remove row", layout={"width": "36px"})
         remove.on_click(lambda _: on_remove(self))
-        self.box = w.HBox([self.enabled, self.layer, self.op, self.source, self.seed, self.vector_name, self.scale, self.cap_range, remove])
+        self.box = w.HBox(
+            [
+                self.enabled,
+                self.layer,
+                self.op,
+                self.source,
+                self.seed,
+                self.vector_name,
+                self.scale,
+                self.cap_range,
+                remove,
+            ]
+        )
         self.op.observe(self._show_relevant, names="value")
         self.source.observe(self._show_relevant, names="value")
         self._show_relevant()
@@ -115,10 +137,14 @@ class SteeringRow:
 
     def state(self) -> RowState:
         return RowState(
-            layer=self.layer.value, op=self.op.value,
+            layer=self.layer.value,
+            op=self.op.value,
             source="random" if self.source.value == "random" else "library",
-            seed=self.seed.value, vector_name=self.vector_name.value, scale=self.scale.value,
-            cap_range=tuple(self.cap_range.value), enabled=self.enabled.value,
+            seed=self.seed.value,
+            vector_name=self.vector_name.value,
+            scale=self.scale.value,
+            cap_range=tuple(self.cap_range.value),
+            enabled=self.enabled.value,
         )
 
 
@@ -146,8 +172,14 @@ class SteeringPanel(_StatusMixin):
         self.apply_button = apply
         self.last_future: Any = None
         self.widget = w.VBox(
-            [w.HTML("<b>Steering</b>"), self.rows_box, w.HBox([add_row, apply, clear]),
-             w.HBox([self.path, save, load]), self.spec_text, self.status]
+            [
+                w.HTML("<b>Steering</b>"),
+                self.rows_box,
+                w.HBox([add_row, apply, clear]),
+                w.HBox([self.path, save, load]),
+                self.spec_text,
+                self.status,
+            ]
         )
 
     def add_row(self, state: RowState) -> SteeringRow:
@@ -197,7 +229,8 @@ class SteeringPanel(_StatusMixin):
             return
         self.spec_text.value = f"<code>{html.escape(repr(spec))}</code>"
         self.last_future = self.engine.submit(
-            self.engine.model.apply_steering_spec(spec), lambda _, error: self._report(error, f"loaded {self.path.value}")
+            self.engine.model.apply_steering_spec(spec),
+            lambda _, error: self._report(error, f"loaded {self.path.value}"),
         )
 
 
@@ -218,7 +251,9 @@ class ActivationsPanel:
         self.layer_cosines = go.FigureWidget(figures.build_layer_cosine_figure(_empty_cosines()))
         self.heatmap = go.FigureWidget(figures.build_token_heatmap_figure(_empty_frame()))
         self.frame = _empty_frame()
-        self.widget = w.VBox([w.HBox([self.layer_norms, self.message_norms]), w.HBox([self.layer_cosines, self.heatmap])])
+        self.widget = w.VBox(
+            [w.HBox([self.layer_norms, self.message_norms]), w.HBox([self.layer_cosines, self.heatmap])]
+        )
 
     def update(self, handles: list[Any], labels: list[str], tokenizer: Any) -> None:
         self.frame = captures_frame(handles, tokenizer, labels=labels)
@@ -229,16 +264,20 @@ class ActivationsPanel:
         _replace(self.heatmap, figures.build_token_heatmap_figure(self.frame, labels[-1]))
 
     def figures(self) -> dict[str, go.FigureWidget]:
-        return {"layer_norms": self.layer_norms, "message_norms": self.message_norms,
-                "layer_cosines": self.layer_cosines, "token_heatmap": self.heatmap}
+        return {
+            "layer_norms": self.layer_norms,
+            "message_norms": self.message_norms,
+            "layer_cosines": self.layer_cosines,
+            "token_heatmap": self.heatmap,
+        }
 
 
 def _empty_frame() -> Any:
     import pandas as pd
 
-    return pd.DataFrame(columns=["request", "layer", "position", "token_id", "token", "phase", "message", "role", "norm"]).astype(
-        {"layer": int, "position": int, "message": int, "norm": float}
-    )
+    return pd.DataFrame(
+        columns=["request", "layer", "position", "token_id", "token", "phase", "message", "role", "norm"]
+    ).astype({"layer": int, "position": int, "message": int, "norm": float})
 
 
 def _empty_cosines() -> Any:
@@ -266,11 +305,15 @@ class ChatPanel(_StatusMixin):
         self.turns: list[Turn] = []
         self.transcript = w.HTML()
         self.system = w.Textarea(value="You are a helpful assistant.", description="system", layout={"width": "95%"})
-        self.prefill = w.Text(placeholder="assistant prefill (optional)", description="prefill", layout={"width": "95%"})
+        self.prefill = w.Text(
+            placeholder="assistant prefill (optional)", description="prefill", layout={"width": "95%"}
+        )
         self.input = w.Text(placeholder="Say something", description="you", layout={"width": "70%"})
         self.send_button = w.Button(description="Send", button_style="primary", icon="paper-plane")
         self.compare = w.Checkbox(value=True, description="compare with baseline")
-        self.temperature = w.FloatSlider(value=0.0, min=0.0, max=1.5, step=0.05, description="temperature", continuous_update=False)
+        self.temperature = w.FloatSlider(
+            value=0.0, min=0.0, max=1.5, step=0.05, description="temperature", continuous_update=False
+        )
         self.max_tokens = w.IntSlider(value=48, min=1, max=512, description="max tokens", continuous_update=False)
         self.status = w.HTML()
         self.last_future: Any = None
@@ -279,8 +322,15 @@ class ChatPanel(_StatusMixin):
         reset = w.Button(description="New chat", icon="refresh")
         reset.on_click(lambda _: self.reset())
         self.widget = w.VBox(
-            [w.HTML("<b>Chat</b>"), self.system, self.transcript, w.HBox([self.input, self.send_button, reset]),
-             self.prefill, w.HBox([self.compare, self.temperature, self.max_tokens]), self.status]
+            [
+                w.HTML("<b>Chat</b>"),
+                self.system,
+                self.transcript,
+                w.HBox([self.input, self.send_button, reset]),
+                self.prefill,
+                w.HBox([self.compare, self.temperature, self.max_tokens]),
+                self.status,
+            ]
         )
 
     def reset(self) -> None:
@@ -302,7 +352,7 @@ class ChatPanel(_StatusMixin):
             return None
         from vllm import SamplingParams
 
-        messages = ([{"role": "system", "content": self.system.value}] if self.system.value.strip() else [])
+        messages = [{"role": "system", "content": self.system.value}] if self.system.value.strip() else []
         messages += [*self.history, {"role": "user", "content": text}]
         options = None
         if self.prefill.value:
@@ -318,8 +368,11 @@ class ChatPanel(_StatusMixin):
 
         async def turn() -> tuple[list[Any], list[Any]]:
             responses, handles = await model.chat(
-                [messages] * len(specs), sampling_params=params, chat_options=options,
-                capture_layers=list(range(model.layer_count)), steering_spec=specs,
+                [messages] * len(specs),
+                sampling_params=params,
+                chat_options=options,
+                capture_layers=list(range(model.layer_count)),
+                steering_spec=specs,
             )
             await model.fetch_captures_batch(handles)
             return responses, handles
@@ -349,7 +402,9 @@ class Workbench:
         bench  # displays the panels
     """
 
-    def __init__(self, engine: NotebookEngine, plot_layer: int | None = None, library_dir: str | Path = "vectors") -> None:
+    def __init__(
+        self, engine: NotebookEngine, plot_layer: int | None = None, library_dir: str | Path = "vectors"
+    ) -> None:
         layer = plot_layer if plot_layer is not None else engine.model.layer_count // 2
         self.engine = engine
         self.steering = SteeringPanel(engine, library_dir)
