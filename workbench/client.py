@@ -33,12 +33,11 @@ from workbench.errors import (
     CaptureError,
     EngineClosedError,
     HandleReleasedError,
-    LayerIndexError,
     SpecError,
     WorkbenchError,
 )
 from workbench.slots import SlotTable
-from workbench.specs import AblationSpec, AddSpec, ProjectionCapSpec, SteeringSpec
+from workbench.specs import AblationSpec, AddSpec, ProjectionCapSpec, SteeringSpec, check_layer_index
 from workbench.worker import (
     INNER_LOAD_FORMAT_KEY,
     LOAD_FORMAT,
@@ -224,14 +223,7 @@ class VLLMSteerModel:
     # -- validation --------------------------------------------------------
 
     def _check_layer(self, layer: Any) -> int:
-        if isinstance(layer, bool) or not isinstance(layer, int):
-            raise LayerIndexError(f"layer index must be an int, got {layer!r}")
-        if not 0 <= layer < self._layer_count:
-            raise LayerIndexError(
-                f"layer {layer} is out of range for a model with {self._layer_count} layers "
-                f"(valid: 0..{self._layer_count - 1})"
-            )
-        return layer
+        return check_layer_index(layer, self._layer_count)
 
     def _check_spec(self, spec: Any) -> SteeringSpec:
         if not isinstance(spec, SteeringSpec):

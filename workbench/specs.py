@@ -85,6 +85,17 @@ def _positions(value: Any, name: str) -> str:
     return value
 
 
+def check_layer_index(index: Any, layer_count: int) -> int:
+    """``index`` if it names one of ``layer_count`` layers, else ``LayerIndexError``."""
+    if isinstance(index, bool) or not isinstance(index, int):
+        raise LayerIndexError(f"layer index must be an int, got {index!r}")
+    if not 0 <= index < layer_count:
+        raise LayerIndexError(
+            f"layer {index} is out of range for a model with {layer_count} layers (valid: 0..{layer_count - 1})"
+        )
+    return index
+
+
 def _same_vector(a: Tensor, b: Tensor) -> bool:
     return a.shape == b.shape and torch.equal(a, b)
 
@@ -247,10 +258,7 @@ class SteeringSpec:
     def validate_for(self, hidden_size: int, layer_count: int) -> None:
         """Raise if this spec cannot run on a model of this shape."""
         for index in self.layers:
-            if index >= layer_count:
-                raise LayerIndexError(
-                    f"layer {index} is out of range for a model with {layer_count} layers (valid: 0..{layer_count - 1})"
-                )
+            check_layer_index(index, layer_count)
         size = self.hidden_size
         if size is not None and size != hidden_size:
             raise HiddenSizeError(f"spec vectors have size {size}, the model's hidden size is {hidden_size}")
