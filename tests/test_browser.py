@@ -143,9 +143,10 @@ def drive_workbench(page, url: str, token: str, expect) -> None:
     page.fill("input[placeholder='Say something']", "Name a colour.")
     page.locator("button.widget-button", has_text="Send").click()
     expect(page.locator(".widget-html-content", has_text="Name a colour.").first).to_be_visible(timeout=300_000)
+    # The widget swaps its traces while updating, so data[0] may briefly be missing.
     page.wait_for_function(
-        "(before) => { const y = document.querySelectorAll('.js-plotly-plot')[0].data[0].y;"
-        " return JSON.stringify(Array.from(y)) !== JSON.stringify(before); }",
+        "(before) => { const data = document.querySelectorAll('.js-plotly-plot')[0].data;"
+        " return data.length > 0 && JSON.stringify(Array.from(data[0].y)) !== JSON.stringify(before); }",
         arg=before,
         timeout=120_000,
     )
