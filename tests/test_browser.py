@@ -89,7 +89,13 @@ def lab(tmp_path_factory):
 
 
 def plot_y(page, index: int) -> list:
-    return page.evaluate(f"() => Array.from(document.querySelectorAll('.js-plotly-plot')[{index}].data[0].y)")
+    """The first trace's y values of plot ``index``, once the widget has traces."""
+    handle = page.wait_for_function(
+        f"() => {{ const data = document.querySelectorAll('.js-plotly-plot')[{index}].data;"
+        " return data.length > 0 && Array.from(data[0].y); }",
+        timeout=60_000,
+    )
+    return handle.json_value()
 
 
 def test_workbench_in_jupyterlab(lab):
