@@ -2,6 +2,7 @@
 # Runs on the lent GPU machine after ../shared/gpu/README.md's set-up (source /tmp/b/env.sh first).
 #   bash bench/run_device.sh tests   # GPU tests (tests/test_gpu.py)
 #   bash bench/run_device.sh bench   # the GPU benchmark preset
+#   bash bench/run_device.sh layer   # per-layer cost of the steering path (bench/layer_cost.py)
 set -euo pipefail
 if [ ! -f /tmp/site/.workbench-extra ]; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/b/extra/whl/*.whl
@@ -9,8 +10,11 @@ if [ ! -f /tmp/site/.workbench-extra ]; then
 fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}"
 export VLLM_DISABLE_COMPILE_CACHE=1 TOKENIZERS_PARALLELISM=false
+# The lent machines forbid NVLink multicast (it can take shared GPUs down); keep it off for TP runs.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 case "$1" in
   tests) python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py "${@:2}" ;;
+  layer) python3 bench/layer_cost.py "${@:2}" ;;
   bench) python3 bench/bench_steering.py --preset gpu "${@:2}" && mkdir -p "$OUT" && cp bench/results/*gpu*.json "$OUT"/ ;;
 esac

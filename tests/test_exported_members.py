@@ -14,6 +14,8 @@ EXPECTED = {
     "ChatResponse",
     "EmbeddedModelError",
     "EngineClosedError",
+    "PromptError",
+    "WorkerTimeoutError",
     "HandleReleasedError",
     "HiddenSizeError",
     "LayerIndexError",

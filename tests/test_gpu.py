@@ -43,12 +43,12 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 PROMPTS = [[(7 * i + 13 * j) % 40000 + 100 for j in range(11 + 5 * i)] for i in range(6)]
 
 
-def make_engine(path: str, eager: bool, tp: int = 1) -> VLLMSteerModel:
+def make_engine(path: str, eager: bool, tp: int = 1, load_format: str = "dummy") -> VLLMSteerModel:
     cfg = VLLMSteeringConfig(
         model_name=path,
         dtype="bfloat16",
         max_model_len=512,
-        load_format="dummy",
+        load_format=load_format,
         gpu_memory_utilization=0.25,
         tensor_parallel_size=tp,
         max_steering_slots=8,
@@ -132,24 +132,46 @@ async def test_graphed_captures_equal_eager_captures(graphs, eager):
             assert cosine > 0.99, (layer, cosine)
 
 
+TP_SHAPE = {**SMOLLM2_SHAPE, "hidden_size": 512, "intermediate_size": 1024, "num_hidden_layers": 8,
+            "num_attention_heads": 8, "num_key_value_heads": 4}  # fmt: skip
+"""Head counts divisible by 2 (SmolLM2's 9 heads are not)."""
+
+
+@pytest.fixture(scope="module")
+def tp_model_dir(tmp_path_factory):
+    """Random but real weights on disk: vLLM's dummy weights are drawn per
+    shard, so TP=1 and TP=2 engines would not hold the same model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tp-model")
+    torch.manual_seed(0)
+    config = LlamaConfig(**{k: v for k, v in TP_SHAPE.items() if k not in ("architectures", "torch_dtype")})
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+    return str(folder)
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-async def test_tensor_parallel_two_equals_one(model_dir, graphs):
-    tp2 = make_engine(model_dir, eager=False, tp=2)
-    try:
-        steering = [spec(5, 9, 0.05), SteeringSpec()]
-        results = []
-        for engine in (graphs, tp2):
-            _, handles = await engine.generate(PROMPTS[:2], GREEDY, capture_layers=[5, 20], steering_spec=steering)
+async def test_tensor_parallel_two_equals_one(tp_model_dir):
+    vector = torch.randn(512, generator=torch.Generator().manual_seed(9))
+    steer = SteeringSpec({2: LayerSteeringSpec(add=AddSpec(vector, scale=2.0))})
+    prompts = [PROMPTS[2], PROMPTS[2]]
+    results = []
+    for tp in (1, 2):
+        engine = make_engine(tp_model_dir, eager=False, tp=tp, load_format="auto")
+        try:
+            _, handles = await engine.generate(prompts, GREEDY, capture_layers=[2, 6], steering_spec=[steer, None])
             await engine.fetch_captures_batch(handles)
             results.append(handles)
-        for one, two in zip(*results):
-            assert len(two.captures[5]) == 1  # recorded once, not per rank
-            for layer in (5, 20):
-                cosine = (
-                    torch.nn.functional.cosine_similarity(one.hidden(layer).float(), two.hidden(layer).float(), dim=-1)
-                    .min()
-                    .item()
-                )
-                assert cosine > 0.99, (layer, cosine)
-    finally:
-        tp2.close()
+        finally:
+            engine.close()
+    rows = len(prompts[0])  # prompt rows: the same tokens in every run
+    for layer in (2, 6):
+        one, two = ([handle.hidden(layer)[:rows].float() for handle in handles] for handles in results)
+        for a, b in zip(one, two):  # TP=2 computes the same residual stream as TP=1
+            assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min().item() > 0.99, layer
+        # ... and steering moves it the same way.
+        delta_one, delta_two = one[0] - one[1], two[0] - two[1]
+        assert delta_one.norm() > 1.0
+        assert torch.nn.functional.cosine_similarity(delta_one, delta_two, dim=-1).min().item() > 0.99, layer
+    for handles in results:
+        assert all(len(handle.captures[2]) == 1 for handle in handles)  # recorded once, not per rank

@@ -79,7 +79,7 @@ def test_ops_apply_in_order_add_cap_ablate():
 
 
 def test_position_masks_select_rows():
-    generated = torch.tensor([[False], [False], [True]])
+    generated = ops.row_phases(torch.tensor([[False], [False], [True]]))
     codes = ops.TARGET_CODES
     assert ops.position_mask(codes["all"], generated).squeeze(1).tolist() == [True, True, True]
     assert ops.position_mask(codes["prompt"], generated).squeeze(1).tolist() == [True, True, False]
@@ -88,3 +88,40 @@ def test_position_masks_select_rows():
     masks = (ops.position_mask(codes["generated"], generated), None, None)
     out = ops.apply_layer_ops(hidden, torch.ones(2), None, None, None, None, 1.0, masks=masks)
     assert out.tolist() == [[0, 0], [0, 0], [1, 1]]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    seed=seeds,
+    low=st.floats(-20, 20),
+    width=st.floats(0, 20),
+    scale=st.floats(-3, 3),
+    ops_used=st.tuples(st.booleans(), st.booleans(), st.booleans()),
+    targets=st.tuples(*(st.sampled_from(sorted(ops.TARGET_CODES)) for _ in range(3))),
+)
+def test_one_pass_evaluation_equals_the_ops_applied_in_turn(seed, low, width, scale, ops_used, targets):
+    """``apply_layer_ops`` evaluates add, cap and ablation in one pass; it must
+    equal applying the three ops one after another, row masks included."""
+    hidden, cap_dir, add = sample(seed)
+    abl_dir = torch.nn.functional.normalize(cap_dir + torch.roll(cap_dir, 1), dim=0)  # overlaps the cap direction
+    generated = ops.row_phases(torch.tensor([[False], [False], [True], [True], [False]]))
+    masks = tuple(ops.position_mask(ops.TARGET_CODES[t], generated) for t in targets)
+    use_add, use_cap, use_abl = ops_used
+    fused = ops.apply_layer_ops(
+        hidden,
+        add if use_add else None,
+        cap_dir if use_cap else None,
+        low,
+        low + width,
+        abl_dir if use_abl else None,
+        scale,
+        masks=masks,
+    )
+    expected = hidden
+    if use_add:
+        expected = torch.where(masks[0], ops.add_vector(expected, add), expected)
+    if use_cap:
+        expected = torch.where(masks[1], ops.cap_projection(expected, cap_dir, low, low + width), expected)
+    if use_abl:
+        expected = torch.where(masks[2], ops.scale_component(expected, abl_dir, scale), expected)
+    assert torch.allclose(fused, expected, atol=1e-9, rtol=1e-9)

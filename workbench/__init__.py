@@ -16,8 +16,10 @@ from workbench.errors import (
     HandleReleasedError,
     HiddenSizeError,
     LayerIndexError,
+    PromptError,
     SpecError,
     WorkbenchError,
+    WorkerTimeoutError,
 )
 from workbench.specs import AblationSpec, AddSpec, LayerSteeringSpec, ProjectionCapSpec, SteeringSpec
 
@@ -43,6 +45,8 @@ __all__ = [
     "ChatError",
     "EmbeddedModelError",
     "EngineClosedError",
+    "PromptError",
+    "WorkerTimeoutError",
     "HandleReleasedError",
     "HiddenSizeError",
     "LayerIndexError",

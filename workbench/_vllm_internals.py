@@ -13,10 +13,11 @@ has that runner; on CUDA, vLLM 0.26 defaults to the V2 runner, so
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from torch import nn
 
 # Base class of load formats; subclassing it is vLLM's documented way to add one.
@@ -87,47 +88,49 @@ def tensor_parallel_rank() -> int:
 
 
 @dataclass(frozen=True)
-class ScheduledRequest:
-    """One request's share of the flattened token batch of a step."""
+class StepBatch:
+    """The requests of one step and their rows in the flattened token batch,
+    as arrays indexed by the request's place in the batch."""
 
-    req_id: str
-    start: int
-    """First row of this request in the step's hidden states."""
-    end: int
-    first_position: int
-    """Position in the sequence of the row at ``start`` (tokens computed before this step)."""
-    num_prompt_tokens: int
-    payload: dict[str, Any] | None
-    """Our ``extra_args`` payload, or None for a request without one."""
+    req_ids: list[str]
+    starts: np.ndarray
+    """Row offsets: request ``i`` owns rows ``starts[i]:starts[i + 1]``."""
+    computed: np.ndarray
+    """Tokens of each request computed before this step (the position of its first row)."""
+    num_prompt_tokens: np.ndarray
+    payloads: list[dict[str, Any] | None]
+    """Each request's ``extra_args`` payload, None for a request without one."""
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.starts[-1])
 
 
-def scheduled_requests(runner: Any) -> Iterator[ScheduledRequest]:
+def step_batch(runner: Any) -> StepBatch:
     """The requests of the step about to run, in the order of their rows.
 
-    V1 runner: ``input_batch.req_ids`` lists the batch's requests in row order,
+    V1 runner: ``input_batch.req_ids`` lists the batch's requests in row order;
     ``query_start_loc.np`` holds their row offsets (filled by
-    ``_prepare_inputs`` before ``_model_forward``), and
-    ``input_batch.num_computed_tokens_cpu`` the tokens already computed.
+    ``_prepare_inputs`` before ``_model_forward``); ``input_batch``'s
+    ``num_computed_tokens_cpu`` / ``num_prompt_tokens`` arrays are indexed
+    like ``req_ids``; ``runner.requests`` maps ids to their sampling params.
     """
     batch = runner.input_batch
-    starts = runner.query_start_loc.np
-    computed = batch.num_computed_tokens_cpu
-    for index, req_id in enumerate(batch.req_ids):
-        state = runner.requests[req_id]  # CachedRequestState
-        extra = state.sampling_params.extra_args
-        yield ScheduledRequest(
-            req_id=req_id,
-            start=int(starts[index]),
-            end=int(starts[index + 1]),
-            first_position=int(computed[index]),
-            num_prompt_tokens=state.num_prompt_tokens,
-            payload=extra.get(EXTRA_ARGS_KEY) if extra else None,
-        )
-
-
-def live_request_ids(runner: Any) -> set[str]:
-    """Requests the runner still holds state for (finished ones are dropped)."""
-    return set(runner.requests)
+    req_ids = batch.req_ids
+    count = len(req_ids)
+    requests = runner.requests  # req_id -> CachedRequestState
+    payloads = []
+    for req_id in req_ids:
+        extra = requests[req_id].sampling_params.extra_args
+        payloads.append(extra.get(EXTRA_ARGS_KEY) if extra else None)
+    return StepBatch(
+        req_ids=req_ids,
+        # Copies: the runner refills these arrays for the next step.
+        starts=runner.query_start_loc.np[: count + 1].copy(),
+        computed=batch.num_computed_tokens_cpu[:count].copy(),
+        num_prompt_tokens=batch.num_prompt_tokens[:count].copy(),
+        payloads=payloads,
+    )
 
 
 def wrap_model_forward(

@@ -13,6 +13,7 @@ import logging
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -25,39 +26,41 @@ logger = logging.getLogger(__name__)
 class CaptureAccumulator:
     """Rows of one request at some layers, kept in sequence order.
 
-    Each step adds one chunk: the step's snapshot of every captured layer
-    (shared by all requests of the step) and this request's row range in it,
-    so recording costs one tuple per request and step; rows are sliced out
-    and joined only in ``assemble``. A chunk starting before the positions
-    already held (vLLM recomputing a preempted request) replaces what it
-    overlaps; one starting after them marks a gap, which ``assemble``'s
-    caller reports.
+    Each step adds one chunk: the step's host snapshot of every captured
+    layer (shared by all requests of the step) and this request's row range
+    in it, so recording costs one tuple per request and step; rows are
+    copied out only in ``assemble_into``. A chunk starting before the
+    positions already held (vLLM recomputing a preempted request) replaces
+    what it overlaps; one starting after them marks a gap, which the fetch
+    reports.
     """
 
     def __init__(self, layers: tuple[int, ...]) -> None:
         self.layers = layers
         self._chunks: list[tuple[int, int, int, dict[int, Tensor]]] = []  # (position, start, end, snapshots)
-        self._length = 0
+        self.num_rows = 0
         self.gap: str | None = None
+        self._ready: Any = None
+        """Event of the last snapshot's device-to-host copy (None on CPU)."""
 
-    def add(self, first_position: int, snapshots: dict[int, Tensor], start: int, end: int) -> None:
-        if first_position < self._length:
+    def add(self, first_position: int, snapshots: dict[int, Tensor], start: int, end: int, ready: Any = None) -> None:
+        if first_position < self.num_rows:
             while self._chunks and self._chunks[-1][0] >= first_position:
                 self._chunks.pop()
             if self._chunks:
                 position, old_start, _, old = self._chunks[-1]
                 self._chunks[-1] = (position, old_start, old_start + first_position - position, old)
-        elif first_position > self._length and self.gap is None:
-            self.gap = f"rows {self._length}..{first_position - 1} were never computed"
+        elif first_position > self.num_rows and self.gap is None:
+            self.gap = f"rows {self.num_rows}..{first_position - 1} were never computed"
         self._chunks.append((first_position, start, end, snapshots))
-        self._length = first_position + end - start
+        self.num_rows = first_position + end - start
+        self._ready = ready
 
-    def assemble(self) -> dict[int, Tensor]:
-        """One ``[tokens, hidden]`` tensor per layer."""
-        return {
-            layer: torch.cat([snapshots[layer][start:end] for _, start, end, snapshots in self._chunks])
-            for layer in self.layers
-        }
+    def assemble_into(self, layer: int, out: Tensor) -> None:
+        """Write this request's ``[num_rows, hidden]`` rows of ``layer`` into ``out``."""
+        if self._ready is not None:
+            self._ready.synchronize()
+        torch.cat([snapshots[layer][start:end] for _, start, end, snapshots in self._chunks], out=out)
 
 
 @dataclass(frozen=True)

@@ -21,10 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load as load_tensors
 from torch import Tensor
 
-from workbench import __version__
+from workbench import __version__, transfer
 from workbench import _vllm_internals as vi
 from workbench.capture import CaptureHandle, MessageBoundary
 from workbench.chat import ChatResponse, format_conversation, split_conversations
@@ -33,8 +32,10 @@ from workbench.errors import (
     CaptureError,
     EngineClosedError,
     HandleReleasedError,
+    PromptError,
     SpecError,
     WorkbenchError,
+    WorkerTimeoutError,
 )
 from workbench.slots import SlotTable
 from workbench.specs import AblationSpec, AddSpec, ProjectionCapSpec, SteeringSpec, check_layer_index
@@ -81,6 +82,9 @@ class VLLMSteeringConfig:
     load_format: str = "auto"
     """vLLM load format of the weights (``dummy`` for benchmarks)."""
     seed: int = 0
+    rpc_timeout_s: float = 300.0
+    """Longest wait for a worker RPC (loading a spec, fetching captures) before
+    ``WorkerTimeoutError``; generation itself has no time limit."""
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
     """Further ``AsyncEngineArgs`` fields."""
 
@@ -166,6 +170,9 @@ class VLLMSteerModel:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending_releases: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._handoff = transfer.make_folder()
+        self._handoff_folder: str | None = self._handoff.name
+        """Where workers put fetched rows (None: always inline in the RPC reply)."""
         self._closed = False
         if bootstrap_layers is not None:
             for layer in bootstrap_layers:
@@ -205,7 +212,7 @@ class VLLMSteerModel:
         async with self._setup_lock:
             if not self._setup_done:
                 self._loop = asyncio.get_running_loop()
-                await self._engine.collective_rpc("workbench_setup")
+                await self._rpc("workbench_setup")
                 self._setup_done = True
 
     def close(self) -> None:
@@ -213,6 +220,7 @@ class VLLMSteerModel:
         if not self._closed:
             self._closed = True
             self._engine.shutdown()
+            self._handoff.cleanup()
 
     async def __aenter__(self) -> VLLMSteerModel:
         return self
@@ -319,7 +327,7 @@ class VLLMSteerModel:
             prompts = [prompts]
         prompt_list = list(prompts)
         if not prompt_list:
-            raise ValueError("prompts is empty")
+            raise PromptError("prompts is empty")
         token_ids = []
         for i, prompt in enumerate(prompt_list):
             if isinstance(prompt, str):
@@ -327,7 +335,7 @@ class VLLMSteerModel:
             elif isinstance(prompt, Sequence) and prompt and all(isinstance(t, int) for t in prompt):
                 token_ids.append(list(prompt))
             else:
-                raise TypeError(f"prompts[{i}] must be a str or a non-empty list of token ids, got {prompt!r:.80}")
+                raise PromptError(f"prompts[{i}] must be a str or a non-empty list of token ids, got {prompt!r:.80}")
         return token_ids
 
     async def _generate_tokens(
@@ -351,7 +359,7 @@ class VLLMSteerModel:
         specs = self._per_request_specs(steering_spec, len(token_ids))
         for i, ids in enumerate(token_ids):
             if len(ids) >= self.cfg.max_model_len:
-                raise ValueError(f"prompt {i} has {len(ids)} tokens; max_model_len is {self.cfg.max_model_len}")
+                raise PromptError(f"prompt {i} has {len(ids)} tokens; max_model_len is {self.cfg.max_model_len}")
         boundaries = boundaries or [()] * len(token_ids)
         return list(
             await asyncio.gather(
@@ -420,7 +428,7 @@ class VLLMSteerModel:
         return final, handle
 
     async def _load_slot(self, slot: int, spec: SteeringSpec) -> None:
-        await self._engine.collective_rpc("workbench_load_slot", args=(slot, encode_spec(spec)))
+        await self._rpc("workbench_load_slot", slot, encode_spec(spec))
 
     async def sweep(
         self,
@@ -450,16 +458,17 @@ class VLLMSteerModel:
                 raise HandleReleasedError(f"capture handle {handle.capture_id} was closed")
         if not pending:
             return
-        replies = await self._engine.collective_rpc(
-            "workbench_fetch_captures", args=([handle.capture_id for handle in pending],)
+        replies = await self._rpc(
+            "workbench_fetch_captures", [handle.capture_id for handle in pending], self._handoff_folder
         )
         layers: dict[str, dict[int, Tensor]] = {handle.capture_id: {} for handle in pending}
         for reply in replies:
+            rows = transfer.read_rows(reply, self._hidden_size)
             for capture_id, error in reply["errors"].items():
                 raise CaptureError(f"capture {capture_id} is incomplete: {error}")
-            for key, rows in load_tensors(reply["tensors"]).items():
+            for key, (first, count) in reply["index"].items():
                 capture_id, layer = key.split("/")
-                layers[capture_id][int(layer)] = rows
+                layers[capture_id][int(layer)] = rows[first : first + count]
         for handle in pending:
             found = layers[handle.capture_id]
             if not found:
@@ -489,14 +498,24 @@ class VLLMSteerModel:
         ids, self._pending_releases = list(self._pending_releases), set()
         if ids and not self._closed:
             try:
-                await self._engine.collective_rpc("workbench_release_captures", args=(ids,))
+                await self._rpc("workbench_release_captures", ids)
             except Exception:  # the engine is gone; its memory went with it
                 logger.warning("could not release %d captures", len(ids), exc_info=True)
 
     async def worker_stats(self) -> list[dict[str, int]]:
         """Per-worker counts of captures held (for leak checks)."""
         await self._ensure_ready()
-        return await self._engine.collective_rpc("workbench_stats")
+        return await self._rpc("workbench_stats")
+
+    async def _rpc(self, method: str, *args: Any) -> list[Any]:
+        """Call ``method`` on every worker; raises ``WorkerTimeoutError`` after
+        ``cfg.rpc_timeout_s`` instead of waiting on a stuck engine forever."""
+        try:
+            return await asyncio.wait_for(self._engine.collective_rpc(method, args=args), self.cfg.rpc_timeout_s)
+        except TimeoutError:
+            raise WorkerTimeoutError(
+                f"worker call {method!r} got no answer within {self.cfg.rpc_timeout_s} s (rpc_timeout_s)"
+            ) from None
 
     # -- steering state --------------------------------------------------------
 

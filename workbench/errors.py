@@ -7,7 +7,9 @@
     ├── CaptureError                    capture requested or read wrongly
     │   └── HandleReleasedError         a capture handle whose data was released
     ├── ChatError (ValueError)          a conversation cannot be formatted
+    ├── PromptError (ValueError, TypeError) a prompt is empty, too long or not text/token ids
     ├── EngineClosedError (RuntimeError) the model was used after close()
+    ├── WorkerTimeoutError (TimeoutError) a worker RPC got no answer in time
     └── EmbeddedModelError (RuntimeError) the embedded model cannot be prepared
 
 Every message names the offending value, so a notebook user sees what to fix.
@@ -44,8 +46,17 @@ class ChatError(WorkbenchError, ValueError):
     """A conversation cannot be formatted into a prompt."""
 
 
+class PromptError(WorkbenchError, ValueError, TypeError):
+    """A prompt list is empty, a prompt is longer than the engine allows, or
+    a prompt is neither text nor token ids."""
+
+
 class EngineClosedError(WorkbenchError, RuntimeError):
     """The model was used after ``close()``."""
+
+
+class WorkerTimeoutError(WorkbenchError, TimeoutError):
+    """A worker RPC got no answer within ``VLLMSteeringConfig.rpc_timeout_s``."""
 
 
 class EmbeddedModelError(WorkbenchError, RuntimeError):

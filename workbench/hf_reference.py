@@ -59,11 +59,11 @@ def _layer_hook(layer_spec: LayerSteeringSpec, prompt_length: int | None) -> Any
         masks = ops.NO_MASKS
         if prompt_length is not None:
             positions = torch.arange(seen, seen + rows, device=stream.device).unsqueeze(-1)
-            generated = positions >= prompt_length
+            phases = ops.row_phases(positions >= prompt_length)
             masks = tuple(  # type: ignore[assignment]
                 None
                 if op is None or op.positions == "all"
-                else ops.position_mask(ops.TARGET_CODES[op.positions], generated)
+                else ops.position_mask(ops.TARGET_CODES[op.positions], phases)
                 for op in (layer_spec.add, layer_spec.projection_cap, layer_spec.ablation)
             )
         seen += rows

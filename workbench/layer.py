@@ -9,8 +9,7 @@ in place, so the same code serves eager mode, torch.compile and CUDA graphs:
 nothing here branches on data.
 
 After the ops, the layer's residual stream is written to a persistent
-capture buffer; the worker copies each capturing request's rows out after the
-step.
+capture buffer; the worker copies the step's rows out after the step.
 
 In eager mode (no torch.compile, no CUDA graphs) Python runs at every step,
 so a ``StepPlan`` written by the worker before each step lets a layer skip the
@@ -28,22 +27,6 @@ import torch
 from torch import Tensor, nn
 
 from workbench import ops
-
-
-@torch.library.custom_op("workbench::record_rows", mutates_args=("buffer",))
-def record_rows(rows: Tensor, buffer: Tensor) -> None:
-    """Copy ``rows`` into the first rows of ``buffer``.
-
-    A custom op so torch.compile keeps the write as one opaque in-place
-    operation on the persistent buffer (as vLLM does for its KV cache writes)
-    instead of functionalising it away.
-    """
-    buffer[: rows.shape[0]].copy_(rows)
-
-
-@record_rows.register_fake
-def _record_rows_fake(rows: Tensor, buffer: Tensor) -> None:
-    return None
 
 
 @dataclass
@@ -90,7 +73,7 @@ class SteeredDecoderLayer(nn.Module):
         plan: StepPlan,
         num_slots: int,
         slot_index: Tensor,
-        generated_rows: Tensor,
+        row_phases: Tensor,
         max_tokens: int,
         hidden_size: int,
         dtype: torch.dtype,
@@ -110,7 +93,7 @@ class SteeredDecoderLayer(nn.Module):
         self.register_buffer("ablation_scales", torch.ones(rows, 1, **kw), persistent=False)
         self.register_buffer("op_targets", torch.zeros(rows, 3, dtype=torch.int8, device=device), persistent=False)
         self.register_buffer("slot_index", slot_index, persistent=False)
-        self.register_buffer("generated_rows", generated_rows, persistent=False)
+        self.register_buffer("row_phases", row_phases, persistent=False)
         self.register_buffer("captured", torch.zeros(max_tokens, hidden_size, **kw), persistent=False)
 
     def forward(
@@ -132,8 +115,8 @@ class SteeredDecoderLayer(nn.Module):
         masks = ops.NO_MASKS
         if use.targeted:
             targets = self.op_targets[slots]
-            generated = self.generated_rows[:rows]
-            masks = tuple(ops.position_mask(targets[:, i : i + 1], generated) for i in range(3))  # type: ignore[assignment]
+            phases = self.row_phases[:rows]
+            masks = tuple(ops.position_mask(targets[:, i : i + 1], phases) for i in range(3))  # type: ignore[assignment]
         steered = ops.apply_layer_ops(
             stream,
             add=self.add_vectors[slots] if use.add else None,
@@ -145,7 +128,10 @@ class SteeredDecoderLayer(nn.Module):
             masks=masks,
         )
         if capture:
-            record_rows(steered, self.captured)
+            # A plain in-place write into the persistent buffer: torch.compile
+            # turns it into an extra store of the kernel that computes
+            # `steered` (no copy kernel of its own), and CUDA graphs replay it.
+            self.captured[:rows].copy_(steered)
         return steered, torch.zeros_like(residual)
 
     @torch.no_grad()

@@ -48,8 +48,9 @@ TARGET_CODES = {"all": 0, "prompt": 1, "generated": 2}
 """Integer codes of a spec's ``positions``, as stored in the worker's tables."""
 
 
-def _where(mask: Tensor | None, changed: Tensor, hidden: Tensor) -> Tensor:
-    return changed if mask is None else torch.where(mask, changed, hidden)
+def _masked(mask: Tensor | None, value: Tensor | float) -> Tensor | float:
+    """``value`` on the rows of ``mask`` and exactly zero elsewhere."""
+    return value if mask is None else torch.where(mask, value, 0.0)
 
 
 OpMasks = tuple[Tensor | None, Tensor | None, Tensor | None]
@@ -69,20 +70,45 @@ def apply_layer_ops(
     masks: OpMasks = NO_MASKS,
 ) -> Tensor:
     """All ops of one layer in their fixed order: add, then projection cap,
-    then ablation. ``None`` skips an op; ``masks`` limit each op to some rows
-    (position targeting), leaving the other rows exactly as they were."""
+    then ablation (``add_vector``, ``cap_projection``, ``scale_component``
+    composed). ``None`` skips an op; ``masks`` limit each op to some rows
+    (position targeting), leaving the other rows exactly as they were.
+
+    Evaluated in one pass: both projections are taken of the stream after the
+    add, and the ablation's projection is corrected for the cap's shift ``d``
+    along ``c`` by ``(h + d c) . a = h . a + d (c . a)``. The three dot
+    products then share one reduction over the hidden size, which is what
+    lets a compiler emit one kernel for the ops of a layer instead of one per
+    op (they are the per-layer cost under CUDA graphs).
+    """
     add_mask, cap_mask, ablation_mask = masks
     if add is not None:
-        hidden = _where(add_mask, add_vector(hidden, add), hidden)
+        hidden = hidden + _masked(add_mask, add)
+    steered = hidden
+    shift: Tensor | None = None
     if cap_direction is not None:
-        hidden = _where(cap_mask, cap_projection(hidden, cap_direction, cap_min, cap_max), hidden)
+        proj = projection(hidden, cap_direction)
+        shift = _masked(cap_mask, torch.clamp(proj, min=cap_min, max=cap_max) - proj)  # type: ignore[assignment]
+        steered = steered + shift * cap_direction
     if ablation_direction is not None:
-        hidden = _where(ablation_mask, scale_component(hidden, ablation_direction, ablation_scale), hidden)
-    return hidden
+        proj = projection(hidden, ablation_direction)
+        if shift is not None:
+            proj = proj + shift * projection(cap_direction, ablation_direction)  # type: ignore[arg-type]
+        steered = steered + _masked(ablation_mask, (ablation_scale - 1.0) * proj) * ablation_direction
+    return steered
 
 
-def position_mask(target: int | Tensor, generated: Tensor) -> Tensor:
+def row_phases(generated: Tensor) -> Tensor:
+    """Per-row phase codes (``TARGET_CODES`` of "prompt" or "generated", int8)
+    from a bool tensor saying which rows are generated tokens."""
+    codes = TARGET_CODES
+    return torch.where(generated, codes["generated"], codes["prompt"]).to(torch.int8)
+
+
+def position_mask(target: int | Tensor, phase: Tensor) -> Tensor:
     """Rows an op applies to, from its target code (see ``TARGET_CODES``) and
-    whether each row is a generated token (``[T, 1]`` bool): "all" takes every
-    row, "generated" the generated rows, "prompt" the others."""
-    return (target == TARGET_CODES["all"]) | ((target == TARGET_CODES["generated"]) == generated)
+    each row's phase (``row_phases``, ``[T, 1]``): "all" takes every row, the
+    others the rows of their phase. Codes compare as integers on both sides
+    (comparing bools with bools hits a vectorisation bug of torch.compile's
+    CPU backend inside fused reductions)."""
+    return (target == TARGET_CODES["all"]) | (target == phase)

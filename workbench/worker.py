@@ -29,7 +29,9 @@ from workbench import _vllm_internals as vi
 from workbench.capture import CaptureAccumulator
 from workbench.layer import LayerUse, SteeredDecoderLayer, StepPlan
 from workbench.model_layers import decoder_layer_list
+from workbench.ops import TARGET_CODES as PHASE
 from workbench.specs import SteeringSpec
+from workbench.transfer import RowsOut
 
 logger = logging.getLogger(__name__)
 
@@ -130,13 +132,13 @@ class SteeringRuntime:
         self,
         layers: dict[int, SteeredDecoderLayer],
         slot_index: Tensor,
-        generated_rows: Tensor,
+        row_phases: Tensor,
         plan: StepPlan,
         num_slots: int,
     ) -> None:
         self.layers = layers
         self.slot_index = StepInputBuffer(slot_index)
-        self.generated_rows = StepInputBuffer(generated_rows)
+        self.row_phases = StepInputBuffer(row_phases)
         self.plan = plan
         self.num_slots = num_slots
         self._slot_use: dict[int, dict[int, LayerUse]] = {}
@@ -147,34 +149,41 @@ class SteeringRuntime:
         self.hooked = False
         self._captures: dict[str, CaptureAccumulator] = {}
         self._released: dict[str, int] = {}
-        self._step: list[vi.ScheduledRequest] = []
-        self._rows_written = 0
+        self._step: vi.StepBatch | None = None
+        self._capturing: list[int] = []
+        """Places in ``_step`` of the requests that capture."""
+        self._zero_rows = slot_index.shape[0]
+        """Leading rows of the slot index known to hold 0 (the neutral slot)."""
 
     # step hooks (called around every forward by the model runner)
 
     def before_step(self, runner: Any) -> None:
-        """Write each row's slot and phase (prompt or generated) for the step about to run."""
-        self._step = list(vi.scheduled_requests(runner))
-        end = self._step[-1].end if self._step else 0
-        num_rows = max(end, self._rows_written)
-        slots = np.zeros(num_rows, dtype=np.int64)
-        generated = np.zeros((num_rows, 1), dtype=np.bool_)
-        used_slots: set[int] = set()
+        """Write each row's slot and phase (prompt or generated) for the step
+        about to run. Rows past the step's last are padding whose outputs
+        vLLM drops, so they keep whatever they held."""
+        step = self._step = vi.step_batch(runner)
+        slot_of = np.zeros(len(step.req_ids), dtype=np.int64)
+        capturing = self._capturing = []
         capture_layers: set[int] = set()
-        for request in self._step:
-            if request.payload is None:
-                continue
-            slot = request.payload["slot"]
-            slots[request.start : request.end] = slot
-            first_generated = request.num_prompt_tokens - request.first_position
-            generated[request.start + max(first_generated, 0) : request.end] = True
-            used_slots.add(slot)
-            capture_layers.update(request.payload.get("layers", ()))
-        self.slot_index.write(slots)
-        self.generated_rows.write(generated)
-        self._rows_written = end
+        for place, payload in enumerate(step.payloads):
+            if payload is not None:
+                slot_of[place] = payload["slot"]
+                if "capture_id" in payload:
+                    capturing.append(place)
+                    capture_layers.update(payload["layers"])
+        num_rows = step.num_rows
+        steered = bool(slot_of.any())
+        if steered or num_rows > self._zero_rows:
+            counts = np.diff(step.starts)
+            self.slot_index.write(np.repeat(slot_of, counts))
+            self._zero_rows = 0 if steered else max(self._zero_rows, num_rows)
+        if steered:
+            # Position of each row minus its request's prompt length: >= 0 on generated tokens.
+            offset = np.repeat(step.computed - step.starts[:-1] - step.num_prompt_tokens, counts)
+            phases = np.where(np.arange(num_rows) + offset >= 0, PHASE["generated"], PHASE["prompt"])
+            self.row_phases.write(phases.astype(np.int8)[:, None])
         if self.plan.eager:
-            self.plan.layer_ops = self._layer_use(frozenset(used_slots))
+            self.plan.layer_ops = self._layer_use(frozenset(np.unique(slot_of).tolist()) if steered else frozenset())
             self.plan.capture_layers = frozenset(capture_layers)
 
     def _layer_use(self, slots: frozenset[int]) -> dict[int, LayerUse]:
@@ -188,34 +197,56 @@ class SteeringRuntime:
         return cached
 
     def after_step(self, runner: Any) -> None:
-        """Record the rows of capturing requests: one device-side snapshot per
-        captured layer (ordered on the stream before the next step overwrites
-        the buffer, so no host sync), shared by the step's requests."""
-        if self.records_captures:
-            capturing = []
-            for request in self._step:
-                payload = request.payload
-                if payload is None or "capture_id" not in payload:
-                    continue
-                capture_id = payload["capture_id"]
-                if capture_id in self._released:
-                    self._released[capture_id] = RELEASE_GRACE_STEPS
-                    continue
-                accumulator = self._captures.get(capture_id)
-                if accumulator is None:
-                    accumulator = CaptureAccumulator(tuple(payload["layers"]))
-                    self._captures[capture_id] = accumulator
-                capturing.append((request, accumulator))
-            if capturing:
-                end = self._step[-1].end
-                layers = {layer for _, accumulator in capturing for layer in accumulator.layers}
-                snapshots = {layer: self.layers[layer].captured[:end].clone() for layer in layers}
-                for request, accumulator in capturing:
-                    accumulator.add(request.first_position, snapshots, request.start, request.end)
+        """Record the rows of capturing requests: one host snapshot per captured
+        layer of the rows they span, shared by the step's requests."""
+        if self.records_captures and self._capturing:
+            self._record(self._step)  # type: ignore[arg-type]
         for capture_id in list(self._released):
             self._released[capture_id] -= 1
             if self._released[capture_id] <= 0:
                 del self._released[capture_id]
+
+    def _record(self, step: vi.StepBatch) -> None:
+        recording = []
+        for place in self._capturing:
+            payload = step.payloads[place]
+            capture_id = payload["capture_id"]  # type: ignore[index]
+            if capture_id in self._released:
+                self._released[capture_id] = RELEASE_GRACE_STEPS
+                continue
+            accumulator = self._captures.get(capture_id)
+            if accumulator is None:
+                accumulator = CaptureAccumulator(tuple(payload["layers"]))  # type: ignore[index]
+                self._captures[capture_id] = accumulator
+            recording.append((place, accumulator))
+        if not recording:
+            return
+        low = int(step.starts[recording[0][0]])
+        high = int(step.starts[recording[-1][0] + 1])
+        layers = {layer for _, accumulator in recording for layer in accumulator.layers}
+        snapshots, ready = self._snapshot(layers, low, high)
+        for place, accumulator in recording:
+            start, end = int(step.starts[place]) - low, int(step.starts[place + 1]) - low
+            accumulator.add(int(step.computed[place]), snapshots, start, end, ready)
+
+    def _snapshot(self, layers: set[int], low: int, high: int) -> tuple[dict[int, Tensor], Any]:
+        """Copy rows ``low:high`` of these layers' capture buffers to host memory.
+
+        On CUDA the copies go into pinned memory without blocking, ordered on
+        the stream before the next step overwrites the buffers; the returned
+        event says when they have landed. A synchronous copy would stall
+        vLLM's overlap of CPU work with the GPU (it halved throughput in a probe).
+        """
+        some = self.layers[next(iter(layers))].captured
+        if not some.is_cuda:
+            return {layer: self.layers[layer].captured[low:high].clone() for layer in layers}, None
+        snapshots = {}
+        for layer in layers:
+            snapshots[layer] = torch.empty((high - low, some.shape[1]), dtype=some.dtype, pin_memory=True)
+            snapshots[layer].copy_(self.layers[layer].captured[low:high], non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return snapshots, ready
 
     # RPC bodies
 
@@ -236,15 +267,18 @@ class SteeringRuntime:
             for index, ops in layers.items()
         }
 
-    def fetch(self, capture_ids: list[str]) -> dict[str, Any]:
+    def fetch(self, capture_ids: list[str], directory: str | None) -> dict[str, Any]:
         """Hand over and forget these captures (a step already dispatched may
         still carry their requests, hence the same grace as ``release``).
 
-        Returns ``{"tensors": safetensors bytes keyed "<capture_id>/<layer>",
-        "errors": {capture_id: why}}``; ids this worker never saw are absent.
+        All rows go into one ``[rows, hidden]`` tensor handed over as
+        ``workbench.transfer`` describes (a file in the client's ``directory``
+        when this worker sees it). Returns ``{"index": {"<capture_id>/<layer>":
+        [first_row, rows]}, "errors": {capture_id: why}, ...transfer fields}``;
+        ids this worker never saw are absent.
         """
-        tensors: dict[str, Tensor] = {}
         errors: dict[str, str] = {}
+        found: list[tuple[str, CaptureAccumulator]] = []
         for capture_id in capture_ids:
             accumulator = self._captures.pop(capture_id, None)
             self._released[capture_id] = RELEASE_GRACE_STEPS
@@ -253,9 +287,18 @@ class SteeringRuntime:
             if accumulator.gap is not None:
                 errors[capture_id] = accumulator.gap
                 continue
-            for layer, rows in accumulator.assemble().items():
-                tensors[f"{capture_id}/{layer}"] = rows.cpu()
-        return {"tensors": save_tensors(tensors), "errors": errors}
+            found.append((capture_id, accumulator))
+        some = next(iter(self.layers.values())).captured
+        total = sum(accumulator.num_rows * len(accumulator.layers) for _, accumulator in found)
+        out = RowsOut(directory, total, some.shape[1], some.dtype)
+        index: dict[str, list[int]] = {}
+        first = 0
+        for capture_id, accumulator in found:
+            for layer in accumulator.layers:
+                accumulator.assemble_into(layer, out.rows[first : first + accumulator.num_rows])
+                index[f"{capture_id}/{layer}"] = [first, accumulator.num_rows]
+                first += accumulator.num_rows
+        return {"errors": errors, "index": index, **out.reply()}
 
     def release(self, capture_ids: list[str]) -> None:
         for capture_id in capture_ids:
@@ -276,18 +319,18 @@ def install_steering(model: nn.Module, vllm_config: Any) -> SteeringRuntime:
     device = next(model.parameters()).device
     layer_list = decoder_layer_list(model)
     slot_index = torch.zeros(max_tokens, dtype=torch.long, device=device)
-    generated_rows = torch.zeros(max_tokens, 1, dtype=torch.bool, device=device)
+    row_phases = torch.zeros(max_tokens, 1, dtype=torch.int8, device=device)
     plan = StepPlan(eager=vi.runs_python_every_step(vllm_config))
     steered: dict[int, SteeredDecoderLayer] = {}
     for index, layer in enumerate(layer_list):
         if vi.is_missing_layer(layer):
             continue
         wrapper = SteeredDecoderLayer(
-            layer, index, plan, num_slots, slot_index, generated_rows, max_tokens, hidden_size, dtype, device
+            layer, index, plan, num_slots, slot_index, row_phases, max_tokens, hidden_size, dtype, device
         )
         layer_list[index] = wrapper
         steered[index] = wrapper
-    runtime = SteeringRuntime(steered, slot_index, generated_rows, plan, num_slots)
+    runtime = SteeringRuntime(steered, slot_index, row_phases, plan, num_slots)
     model.workbench_runtime = runtime
     logger.info(
         "workbench: steering installed on %d layers, %d slots, %s mode",
@@ -339,8 +382,8 @@ class WorkbenchWorkerExtension:
     def workbench_load_slot(self, slot: int, payload: dict[str, Any]) -> None:
         self._workbench_runtime().load_slot(slot, payload)
 
-    def workbench_fetch_captures(self, capture_ids: list[str]) -> dict[str, Any]:
-        return self._workbench_runtime().fetch(capture_ids)
+    def workbench_fetch_captures(self, capture_ids: list[str], directory: str | None) -> dict[str, Any]:
+        return self._workbench_runtime().fetch(capture_ids, directory)
 
     def workbench_release_captures(self, capture_ids: list[str]) -> None:
         self._workbench_runtime().release(capture_ids)

@@ -1,0 +1,308 @@
+"""Reliability: bad input, isolation under load, no leaks, faults.
+
+All on the shared real engine (float32, greedy) unless a test needs its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import random
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from vllm import SamplingParams
+
+from workbench import (
+    AblationSpec,
+    AddSpec,
+    CaptureError,
+    CaptureHandle,
+    ChatError,
+    HandleReleasedError,
+    HiddenSizeError,
+    LayerIndexError,
+    LayerSteeringSpec,
+    ProjectionCapSpec,
+    PromptError,
+    SpecError,
+    SteeringSpec,
+    WorkerTimeoutError,
+)
+
+HIDDEN, LAYERS = 576, 30
+PROMPTS = [
+    "The capital of France is",
+    "Write a haiku about rain:",
+    "List three prime numbers:",
+    "My favourite animal is the",
+]
+
+
+def vector(seed: int) -> torch.Tensor:
+    return torch.randn(HIDDEN, generator=torch.Generator().manual_seed(seed))
+
+
+def greedy(tokens: int) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+
+
+# -- bad input -----------------------------------------------------------------
+
+
+def bad_calls(model, tmp_path: Path):
+    """(call, error type, text the message must contain) for every kind of bad input."""
+    wrong_size = tmp_path / "wrong-size.safetensors"
+    SteeringSpec({1: LayerSteeringSpec(add=AddSpec(torch.ones(8)))}).save(wrong_size)
+    truncated = tmp_path / "truncated.safetensors"
+    SteeringSpec({1: LayerSteeringSpec(add=AddSpec(vector(1)))}).save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:-100])
+    foreign = CaptureHandle(request_id="r", capture_id="0" * 32, layer_indices=(3,), prompt_token_ids=(1, 2))
+    return [
+        (lambda: model.set_layer_vector(3, torch.randn(10)), HiddenSizeError, "size 10"),
+        (lambda: model.set_layer_vector(3, torch.ones(HIDDEN, dtype=torch.int64)), SpecError, "floating dtype"),
+        (lambda: model.set_layer_vector(3, torch.empty(HIDDEN, device="meta")), SpecError, "meta device"),
+        (lambda: model.set_layer_vector(3, torch.full((HIDDEN,), float("nan"))), SpecError, "non-finite value nan"),
+        (lambda: model.set_layer_vector(3, vector(1), scale=float("inf")), SpecError, "scale must be finite"),
+        (lambda: model.set_layer_vector(LAYERS, vector(1)), LayerIndexError, f"layer {LAYERS}"),
+        (lambda: model.set_layer_projection_cap(3, torch.zeros(HIDDEN), min=-1, max=1), SpecError, "norm 0.0"),
+        (lambda: model.set_layer_projection_cap(3, vector(1), min=2.0, max=1.0), SpecError, "min (2.0)"),
+        (lambda: model.set_layer_ablation(3, vector(1), scale=float("nan")), SpecError, "scale must be finite"),
+        (lambda: model.chat([{"role": "wizard", "content": "hi"}], greedy(2)), ChatError, "wizard"),
+        (lambda: model.generate([], greedy(2)), PromptError, "empty"),
+        (lambda: model.generate(["ok", 42], greedy(2)), PromptError, "prompts[1]"),
+        (lambda: model.generate([[7] * 1024], greedy(2)), PromptError, "1024 tokens"),
+        (lambda: model.generate("hi", greedy(2), capture_layers=[LAYERS]), LayerIndexError, f"layer {LAYERS}"),
+        (lambda: model.generate("hi", greedy(2), capture_layers=[]), CaptureError, "empty"),
+        (lambda: model.fetch_captures_batch([foreign]), HandleReleasedError, "unknown to this engine"),
+        (lambda: model.apply_steering_spec(SteeringSpec.load(wrong_size)), HiddenSizeError, "hidden size is 576"),
+        (lambda: model.apply_steering_spec(SteeringSpec.load(truncated)), SpecError, "truncated.safetensors"),
+    ]
+
+
+async def test_bad_input_raises_typed_errors_and_the_engine_keeps_serving(model, tmp_path):
+    before = await model.generate(PROMPTS[0], greedy(6))
+    spec_before = model.export_steering_spec()
+    for call, error, text in bad_calls(model, tmp_path):
+        with pytest.raises(error) as info:
+            await call()
+        assert text in str(info.value), (text, str(info.value))
+    assert model.export_steering_spec() == spec_before  # nothing half-applied
+    assert await model.generate(PROMPTS[0], greedy(6)) == before
+
+
+async def test_released_handles_refuse_to_fetch(model):
+    _, handles = await model.generate(PROMPTS[0], greedy(3), capture_layers=[2])
+    handles[0].close()
+    with pytest.raises(HandleReleasedError, match="was closed"):
+        await model.fetch_captures_batch(handles)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    size=st.integers(1, 16),
+    bad_index=st.integers(0, 15),
+    bad_value=st.sampled_from([float("nan"), float("inf"), float("-inf")]),
+    op=st.sampled_from([AddSpec, ProjectionCapSpec, AblationSpec]),
+)
+def test_property_any_non_finite_entry_is_named(size, bad_index, bad_value, op):
+    values = torch.ones(size)
+    values[bad_index % size] = bad_value
+    kwargs = {"min": -1.0} if op is ProjectionCapSpec else {}
+    with pytest.raises(SpecError, match=f"at index {bad_index % size}"):
+        op(values, **kwargs)
+
+
+@settings(max_examples=60, deadline=None)
+@given(low=st.floats(-1e6, 1e6), gap=st.floats(1e-3, 1e6))
+def test_property_cap_bounds_must_be_ordered(low, gap):
+    ProjectionCapSpec(torch.ones(4), min=low, max=low + gap)
+    with pytest.raises(SpecError, match="is greater than max"):
+        ProjectionCapSpec(torch.ones(4), min=low + gap, max=low)
+
+
+async def test_worker_rpc_times_out_instead_of_hanging(model):
+    timeout = model.cfg.rpc_timeout_s
+    model.cfg.rpc_timeout_s = 1e-4
+    try:
+        with pytest.raises(WorkerTimeoutError, match="workbench_stats"):
+            await model.worker_stats()
+    finally:
+        model.cfg.rpc_timeout_s = timeout
+    assert (await model.worker_stats())[0]["captures"] >= 0  # and the engine still answers
+
+
+# -- isolation under load ----------------------------------------------------------
+
+
+def random_spec(rng: random.Random, seed: int) -> SteeringSpec:
+    layers = {}
+    for layer in rng.sample(range(LAYERS), rng.randint(1, 4)):
+        op = rng.choice(["add", "cap", "ablation", "all"])
+        positions = rng.choice(["all", "prompt", "generated"])
+        direction = vector(seed * 100 + layer)
+        layers[layer] = LayerSteeringSpec(
+            add=AddSpec(direction, scale=rng.uniform(0.5, 3.0), positions=positions) if op in ("add", "all") else None,
+            projection_cap=ProjectionCapSpec(direction, min=-2.0, max=2.0) if op in ("cap", "all") else None,
+            ablation=AblationSpec(vector(seed * 100 + layer + 50), scale=rng.uniform(0.0, 0.5))
+            if op in ("ablation", "all")
+            else None,
+        )
+    return SteeringSpec(layers)
+
+
+async def solo_runs(model, cases: dict[tuple[int, int], tuple[int, tuple[int, ...]]], specs) -> dict:
+    """One solo run per (prompt, spec): the longest length and every layer any request of the pair needs."""
+    solo = {}
+    for (prompt, spec), (tokens, layers) in cases.items():
+        outputs, handles = await model.generate(
+            PROMPTS[prompt], greedy(tokens), capture_layers=list(layers), steering_spec=specs[spec], raw_output=True
+        )
+        await model.fetch_captures_batch(handles)
+        solo[prompt, spec] = (list(outputs[0].outputs[0].token_ids), handles[0])
+    return solo
+
+
+def assert_equals_solo(output, handle, tokens: int, layers, solo) -> None:
+    """Greedy decoding: a shorter run is a prefix of the solo run, rows included."""
+    solo_tokens, solo_handle = solo
+    assert list(output.outputs[0].token_ids) == solo_tokens[:tokens]
+    for layer in layers:
+        ours = handle.hidden(layer)
+        reference = solo_handle.hidden(layer)[: ours.shape[0]]
+        assert torch.allclose(ours, reference, rtol=1e-3, atol=1e-3 * reference.abs().max().item()), layer
+
+
+@pytest.mark.slow
+async def test_flood_of_200_random_requests_each_equals_its_solo_run(model):
+    rng = random.Random(0)
+    specs = [SteeringSpec()] + [random_spec(rng, seed) for seed in range(1, 20)]  # more specs than slots (16)
+    requests = []
+    for _ in range(200):
+        layers = tuple(sorted(rng.sample(range(LAYERS), rng.randint(1, 3)))) if rng.random() < 0.7 else ()
+        requests.append((rng.randrange(len(PROMPTS)), rng.randrange(len(specs)), rng.randint(1, 10), layers))
+    cases: dict[tuple[int, int], tuple[int, tuple[int, ...]]] = {(p, 0): (10, (0,)) for p in range(len(PROMPTS))}
+    for prompt, spec, tokens, layers in requests:
+        longest, needed = cases.get((prompt, spec), (1, ()))
+        cases[prompt, spec] = (max(longest, tokens), tuple(sorted({*needed, *layers, 0})))
+    solo = await solo_runs(model, cases, specs)
+
+    async def one(prompt: int, spec: int, tokens: int, layers: tuple[int, ...]):
+        result = await model.generate(
+            PROMPTS[prompt],
+            greedy(tokens),
+            capture_layers=list(layers) or None,
+            steering_spec=specs[spec],
+            raw_output=True,
+        )
+        if not layers:
+            return result[0], None
+        outputs, handles = result
+        await model.fetch_captures_batch(handles)
+        return outputs[0], handles[0]
+
+    results = await asyncio.gather(*(one(*request) for request in requests))
+    changed = 0
+    for (prompt, spec, tokens, layers), (output, handle) in zip(requests, results):
+        assert_equals_solo(output, handle, tokens, layers, solo[prompt, spec])
+        changed += list(output.outputs[0].token_ids) != solo[prompt, 0][0][:tokens]
+    assert changed > 20  # the specs do steer
+    assert (await model.worker_stats())[0]["captures"] == 0
+
+
+@pytest.mark.slow
+async def test_steering_changes_during_a_flood_never_mix_states(model):
+    """Requests take the global spec current when submitted; changing it while
+    earlier requests still run must not touch them (their slot stays as loaded)."""
+    states = [random_spec(random.Random(seed), seed) for seed in (101, 102)]
+    layers = (0, 15, 29)
+    cases = {(prompt, state): (8, layers) for prompt in range(len(PROMPTS)) for state in range(2)}
+    solo = await solo_runs(model, cases, states)
+    assert solo[0, 0][0] != solo[0, 1][0]
+    tasks, expected = [], []
+    try:
+        for i in range(48):
+            if i % 4 == 0:
+                await model.apply_steering_spec(states[i // 4 % 2])
+            prompt = i % len(PROMPTS)
+            tasks.append(
+                asyncio.create_task(
+                    model.generate(PROMPTS[prompt], greedy(8), capture_layers=list(layers), raw_output=True)
+                )
+            )
+            expected.append((prompt, i // 4 % 2))
+            await asyncio.sleep(0.02)
+        results = await asyncio.gather(*tasks)
+    finally:
+        await model.clear_all_vectors()
+    for (outputs, handles), key in zip(results, expected):
+        await model.fetch_captures_batch(handles)
+        assert_equals_solo(outputs[0], handles[0], 8, layers, solo[key])
+
+
+# -- leaks -----------------------------------------------------------------------
+
+
+def engine_rss_mib() -> float:
+    """Resident memory of this process and the engine processes it started."""
+    me = psutil.Process()
+    return sum(p.memory_info().rss for p in [me, *me.children(recursive=True)]) / 2**20
+
+
+async def drained_stats(model) -> dict[str, int]:
+    """Worker counters once released captures' grace steps have run out (they count steps)."""
+    for _ in range(10):
+        await model.generate(PROMPTS[0], greedy(3))
+        stats = (await model.worker_stats())[0]
+        if not stats["released"]:
+            break
+    return stats
+
+
+@pytest.mark.slow
+async def test_thousand_capture_requests_leave_no_trace(model):
+    """1000 capturing requests, fetched, dropped unfetched, or cancelled mid-run:
+    worker storage ends empty, the hand-off folder too, memory stays flat."""
+    rng = random.Random(1)
+    bound_mib = 150
+    rounds, per_round = 20, 50
+    memory = []
+
+    async def cancelled() -> None:
+        task = asyncio.create_task(model.generate(PROMPTS[1], greedy(200), capture_layers=[4, 5]))
+        await asyncio.sleep(0.05 + rng.random() * 0.3)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    for round_index in range(rounds):
+        prompts = [rng.choice(PROMPTS) for _ in range(per_round - 5)]
+        _, handles = await model.generate(prompts, greedy(rng.randint(1, 4)), capture_layers=[rng.randrange(LAYERS)])
+        await asyncio.gather(*(cancelled() for _ in range(5)))
+        fetched = handles[: len(handles) // 2]
+        await model.fetch_captures_batch(fetched)
+        assert all(h.hidden(h.layer_indices[0]).shape[0] == h.expected_rows for h in fetched)
+        del handles, fetched  # the other half is dropped unfetched: released by the finaliser
+        gc.collect()
+        if round_index in (4, rounds - 1):
+            stats = await drained_stats(model)
+            memory.append(engine_rss_mib())
+    assert stats == {"captures": 0, "released": 0}
+    assert not any(Path(model._handoff_folder).iterdir())
+    growth = memory[1] - memory[0]
+    print(f"memory after 250 requests {memory[0]:.0f} MiB, after 1000 {memory[1]:.0f} MiB, growth {growth:.1f} MiB")
+    assert growth < bound_mib, f"memory grew {growth:.0f} MiB over 750 capture requests (bound {bound_mib} MiB)"
+
+
+async def test_cancelled_request_frees_its_capture(model):
+    task = asyncio.create_task(model.generate(PROMPTS[2], greedy(300), capture_layers=[1]))
+    await asyncio.sleep(1.0)
+    assert (await model.worker_stats())[0]["captures"] == 1  # it is running and recording
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert (await drained_stats(model))["captures"] == 0
