@@ -268,7 +268,7 @@ async def test_thousand_capture_requests_leave_no_trace(model):
     """1000 capturing requests, fetched, dropped unfetched, or cancelled mid-run:
     worker storage ends empty, the hand-off folder too, memory stays flat."""
     rng = random.Random(1)
-    bound_mib = 150
+    bound_mib = 64
     rounds, per_round = 20, 50
     memory = []
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 # Base class of load formats; subclassing it is vLLM's documented way to add one.
@@ -148,9 +149,12 @@ def wrap_model_forward(
     original = runner._model_forward
 
     def model_forward(*args: Any, **kwargs: Any) -> Any:
-        before(runner)
+        # Named ranges, so vLLM's profiler traces show what the hooks cost.
+        with torch.profiler.record_function("workbench.before_step"):
+            before(runner)
         output = original(*args, **kwargs)
-        after(runner)
+        with torch.profiler.record_function("workbench.after_step"):
+            after(runner)
         return output
 
     runner._model_forward = model_forward
