@@ -89,49 +89,48 @@ def tensor_parallel_rank() -> int:
 
 
 @dataclass(frozen=True)
-class StepBatch:
+class StepRows:
     """The requests of one step and their rows in the flattened token batch,
     as arrays indexed by the request's place in the batch."""
 
-    req_ids: list[str]
+    req_ids: tuple[str, ...]
     starts: np.ndarray
     """Row offsets: request ``i`` owns rows ``starts[i]:starts[i + 1]``."""
     computed: np.ndarray
     """Tokens of each request computed before this step (the position of its first row)."""
     num_prompt_tokens: np.ndarray
-    payloads: list[dict[str, Any] | None]
-    """Each request's ``extra_args`` payload, None for a request without one."""
 
     @property
     def num_rows(self) -> int:
         return int(self.starts[-1])
 
 
-def step_batch(runner: Any) -> StepBatch:
+def step_rows(runner: Any) -> StepRows:
     """The requests of the step about to run, in the order of their rows.
 
     V1 runner: ``input_batch.req_ids`` lists the batch's requests in row order;
     ``query_start_loc.np`` holds their row offsets (filled by
     ``_prepare_inputs`` before ``_model_forward``); ``input_batch``'s
     ``num_computed_tokens_cpu`` / ``num_prompt_tokens`` arrays are indexed
-    like ``req_ids``; ``runner.requests`` maps ids to their sampling params.
+    like ``req_ids``.
     """
     batch = runner.input_batch
-    req_ids = batch.req_ids
+    req_ids = tuple(batch.req_ids)
     count = len(req_ids)
-    requests = runner.requests  # req_id -> CachedRequestState
-    payloads = []
-    for req_id in req_ids:
-        extra = requests[req_id].sampling_params.extra_args
-        payloads.append(extra.get(EXTRA_ARGS_KEY) if extra else None)
-    return StepBatch(
+    return StepRows(
         req_ids=req_ids,
         # Copies: the runner refills these arrays for the next step.
         starts=runner.query_start_loc.np[: count + 1].copy(),
         computed=batch.num_computed_tokens_cpu[:count].copy(),
         num_prompt_tokens=batch.num_prompt_tokens[:count].copy(),
-        payloads=payloads,
     )
+
+
+def request_payload(runner: Any, req_id: str) -> dict[str, Any] | None:
+    """Our ``extra_args`` payload of a scheduled request (``runner.requests``
+    holds each request's ``CachedRequestState`` with its sampling params)."""
+    extra = runner.requests[req_id].sampling_params.extra_args
+    return extra.get(EXTRA_ARGS_KEY) if extra else None
 
 
 def wrap_model_forward(

@@ -17,6 +17,7 @@ drop captured rows. Each request names its slot and capture in
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -125,6 +126,37 @@ class StepInputBuffer:
         self._turn ^= 1
 
 
+@dataclass(frozen=True)
+class _BatchPayloads:
+    """What the requests of a batch asked for, read once per batch composition."""
+
+    req_ids: tuple[str, ...]
+    payloads: list[dict[str, Any] | None]
+    slot_of: np.ndarray
+    """Each request's steering slot (0 for none)."""
+    capturing: list[int]
+    """Places of the requests that capture."""
+    capture_layers: frozenset[int]
+
+    @classmethod
+    def read(cls, runner: Any, req_ids: tuple[str, ...]) -> _BatchPayloads:
+        payloads = [vi.request_payload(runner, req_id) for req_id in req_ids]
+        slot_of = np.array([payload["slot"] if payload else 0 for payload in payloads], dtype=np.int64)
+        capturing = [place for place, payload in enumerate(payloads) if payload and "capture_id" in payload]
+        layers = frozenset(layer for place in capturing for layer in payloads[place]["layers"])  # type: ignore[index]
+        return cls(req_ids, payloads, slot_of, capturing, layers)
+
+
+def _write_if_changed(buffer: StepInputBuffer, written: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Copy ``rows`` into ``buffer`` unless its leading rows (``written``) already
+    hold them; returns what the buffer's leading rows hold afterwards."""
+    count = rows.shape[0]
+    if count <= written.shape[0] and np.array_equal(written[:count], rows):
+        return written
+    buffer.write(rows if rows.ndim == 2 or buffer.target.ndim == 1 else rows[:, None])
+    return rows
+
+
 class SteeringRuntime:
     """The steered layers of one worker, the shared slot index, and captures in progress."""
 
@@ -149,42 +181,42 @@ class SteeringRuntime:
         self.hooked = False
         self._captures: dict[str, CaptureAccumulator] = {}
         self._released: dict[str, int] = {}
-        self._step: vi.StepBatch | None = None
-        self._capturing: list[int] = []
-        """Places in ``_step`` of the requests that capture."""
-        self._zero_rows = slot_index.shape[0]
-        """Leading rows of the slot index known to hold 0 (the neutral slot)."""
+        self._step: vi.StepRows | None = None
+        self._batch = _BatchPayloads((), [], np.zeros(0, dtype=np.int64), [], frozenset())
+        self._written_slots = np.zeros(slot_index.shape[0], dtype=np.int64)
+        self._written_phases = np.zeros(row_phases.shape[0], dtype=np.int8)
+        """What the device's slot index and phase buffers hold (their leading rows)."""
 
     # step hooks (called around every forward by the model runner)
 
     def before_step(self, runner: Any) -> None:
         """Write each row's slot and phase (prompt or generated) for the step
         about to run. Rows past the step's last are padding whose outputs
-        vLLM drops, so they keep whatever they held."""
-        step = self._step = vi.step_batch(runner)
-        slot_of = np.zeros(len(step.req_ids), dtype=np.int64)
-        capturing = self._capturing = []
-        capture_layers: set[int] = set()
-        for place, payload in enumerate(step.payloads):
-            if payload is not None:
-                slot_of[place] = payload["slot"]
-                if "capture_id" in payload:
-                    capturing.append(place)
-                    capture_layers.update(payload["layers"])
-        num_rows = step.num_rows
-        steered = bool(slot_of.any())
-        if steered or num_rows > self._zero_rows:
-            counts = np.diff(step.starts)
-            self.slot_index.write(np.repeat(slot_of, counts))
-            self._zero_rows = 0 if steered else max(self._zero_rows, num_rows)
+        vLLM drops, so they keep whatever they held.
+
+        Per-step host work is kept small, since it competes with vLLM's own
+        scheduling: payloads are read again only when the set of requests
+        changes, and a buffer is copied to the device only when its rows
+        differ from what it holds (steady decode rewrites nothing).
+        """
+        step = self._step = vi.step_rows(runner)
+        if step.req_ids != self._batch.req_ids:
+            self._batch = _BatchPayloads.read(runner, step.req_ids)
+        batch = self._batch
+        counts = np.diff(step.starts)
+        slots = np.repeat(batch.slot_of, counts)
+        self._written_slots = _write_if_changed(self.slot_index, self._written_slots, slots)
+        steered = bool(slots.any())
         if steered:
             # Position of each row minus its request's prompt length: >= 0 on generated tokens.
             offset = np.repeat(step.computed - step.starts[:-1] - step.num_prompt_tokens, counts)
-            phases = np.where(np.arange(num_rows) + offset >= 0, PHASE["generated"], PHASE["prompt"])
-            self.row_phases.write(phases.astype(np.int8)[:, None])
+            phases = np.where(np.arange(step.num_rows) + offset >= 0, PHASE["generated"], PHASE["prompt"])
+            self._written_phases = _write_if_changed(self.row_phases, self._written_phases, phases.astype(np.int8))
         if self.plan.eager:
-            self.plan.layer_ops = self._layer_use(frozenset(np.unique(slot_of).tolist()) if steered else frozenset())
-            self.plan.capture_layers = frozenset(capture_layers)
+            self.plan.layer_ops = self._layer_use(
+                frozenset(np.unique(batch.slot_of).tolist()) if steered else frozenset()
+            )
+            self.plan.capture_layers = batch.capture_layers
 
     def _layer_use(self, slots: frozenset[int]) -> dict[int, LayerUse]:
         cached = self._layer_use_cache.get(slots)
@@ -199,17 +231,17 @@ class SteeringRuntime:
     def after_step(self, runner: Any) -> None:
         """Record the rows of capturing requests: one host snapshot per captured
         layer of the rows they span, shared by the step's requests."""
-        if self.records_captures and self._capturing:
+        if self.records_captures and self._batch.capturing:
             self._record(self._step)  # type: ignore[arg-type]
         for capture_id in list(self._released):
             self._released[capture_id] -= 1
             if self._released[capture_id] <= 0:
                 del self._released[capture_id]
 
-    def _record(self, step: vi.StepBatch) -> None:
+    def _record(self, step: vi.StepRows) -> None:
         recording = []
-        for place in self._capturing:
-            payload = step.payloads[place]
+        for place in self._batch.capturing:
+            payload = self._batch.payloads[place]
             capture_id = payload["capture_id"]  # type: ignore[index]
             if capture_id in self._released:
                 self._released[capture_id] = RELEASE_GRACE_STEPS
