@@ -113,7 +113,9 @@ async def main(args: argparse.Namespace) -> None:
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")  # the plain engine starts before ours sets it
     preset = PRESETS[args.preset]
     enforce_eager = args.eager
-    engine_kwargs = dict(preset.engine_kwargs)
+    # Every configuration reruns the same prompts; with prefix caching the engine that
+    # runs fewer configurations (plain vLLM) would keep its prompts cached and skip prefill.
+    engine_kwargs = {"enable_prefix_caching": False, **dict(preset.engine_kwargs)}
     cfg = VLLMSteeringConfig(
         model_name=preset.model,
         dtype=preset.dtype,
