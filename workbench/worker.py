@@ -186,6 +186,8 @@ class SteeringRuntime:
         self._written_slots = np.zeros(slot_index.shape[0], dtype=np.int64)
         self._written_phases = np.zeros(row_phases.shape[0], dtype=np.int8)
         """What the device's slot index and phase buffers hold (their leading rows)."""
+        self._pending_slots: dict[int, tuple[dict[int, dict[str, Any]], Tensor | None, set[int]]] = {}
+        """Slot -> (decoded spec, its vectors stacked on the host, layers to write), written by the next step."""
 
     # step hooks (called around every forward by the model runner)
 
@@ -199,6 +201,8 @@ class SteeringRuntime:
         changes, and a buffer is copied to the device only when its rows
         differ from what it holds (steady decode rewrites nothing).
         """
+        if self._pending_slots:
+            self._write_pending_slots()
         step = self._step = vi.step_rows(runner)
         if step.req_ids != self._batch.req_ids:
             self._batch = _BatchPayloads.read(runner, step.req_ids)
@@ -217,6 +221,18 @@ class SteeringRuntime:
                 frozenset(np.unique(batch.slot_of).tolist()) if steered else frozenset()
             )
             self.plan.capture_layers = batch.capture_layers
+
+    def _write_pending_slots(self) -> None:
+        some = next(iter(self.layers.values())).add_vectors
+        for slot, (layers, staged, touched) in self._pending_slots.items():
+            if staged is not None:
+                rows = iter(staged.to(some.device, non_blocking=True))
+                for ops in layers.values():
+                    for op in ops.values():
+                        op["vector"] = next(rows)
+            for index in touched:
+                self.layers[index].write_slot(slot, layers.get(index))
+        self._pending_slots.clear()
 
     def _layer_use(self, slots: frozenset[int]) -> dict[int, LayerUse]:
         cached = self._layer_use_cache.get(slots)
@@ -283,11 +299,24 @@ class SteeringRuntime:
     # RPC bodies
 
     def load_slot(self, slot: int, payload: dict[str, Any]) -> None:
+        """Stage a spec for ``slot``; the next step writes it into the tables.
+
+        Writing from the step hook puts the copies on the stream the model
+        runs on, ahead of the first step that can use the slot, without
+        blocking: a copy from pageable host memory here would wait for the
+        GPU to drain once per vector (a 64-spec batch stalled on this).
+        """
         if not 1 <= slot <= self.num_slots:
             raise ValueError(f"slot {slot} outside 1..{self.num_slots}")
         layers = decode_spec(payload)
-        for index, layer in self.layers.items():
-            layer.write_slot(slot, layers.get(index))
+        some = next(iter(self.layers.values())).add_vectors
+        vectors = [op["vector"] for ops in layers.values() for op in ops.values()]
+        staged = torch.stack(vectors).to(some.dtype) if vectors else None
+        if staged is not None and some.is_cuda:
+            staged = staged.pin_memory()
+        # Layers the slot's previous spec used go back to neutral; the others already are.
+        touched = (set(layers) | set(self._slot_use.get(slot, {}))) & set(self.layers)
+        self._pending_slots[slot] = (layers, staged, touched)
         self._layer_use_cache.clear()
         self._slot_use[slot] = {
             index: LayerUse(
