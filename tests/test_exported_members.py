@@ -14,6 +14,7 @@ EXPECTED = {
     "ChatResponse",
     "EmbeddedModelError",
     "EngineClosedError",
+    "EngineDeadError",
     "PromptError",
     "WorkerTimeoutError",
     "HandleReleasedError",

@@ -31,6 +31,7 @@ from workbench.embedded import DEFAULT_MODEL_NAME, resolve_model_name
 from workbench.errors import (
     CaptureError,
     EngineClosedError,
+    EngineDeadError,
     HandleReleasedError,
     PromptError,
     SpecError,
@@ -48,6 +49,9 @@ from workbench.worker import (
 )
 
 logger = logging.getLogger(__name__)
+
+ENGINE_POLL_S = 0.5
+"""How often a pending worker call checks whether the engine has died."""
 
 CPU_KV_CACHE_BYTES = 2 << 30
 """KV cache of a CPU engine unless VLLM_CPU_KVCACHE_SPACE or kv_cache_memory_bytes says otherwise."""
@@ -350,6 +354,7 @@ class VLLMSteerModel:
         from vllm import SamplingParams
 
         await self._ensure_ready()
+        self._check_alive()
         params = sampling_params if sampling_params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be a vllm.SamplingParams, got {type(params).__name__}")
@@ -507,15 +512,33 @@ class VLLMSteerModel:
         await self._ensure_ready()
         return await self._rpc("workbench_stats")
 
+    def _check_alive(self) -> None:
+        if self._engine.errored:
+            raise EngineDeadError(
+                "the vLLM engine's processes died (see the log above for why); "
+                "start a new VLLMSteerModel, or call workbench.notebook.get_engine() to restart it"
+            )
+
     async def _rpc(self, method: str, *args: Any) -> list[Any]:
-        """Call ``method`` on every worker; raises ``WorkerTimeoutError`` after
-        ``cfg.rpc_timeout_s`` instead of waiting on a stuck engine forever."""
-        try:
-            return await asyncio.wait_for(self._engine.collective_rpc(method, args=args), self.cfg.rpc_timeout_s)
-        except TimeoutError:
-            raise WorkerTimeoutError(
-                f"worker call {method!r} got no answer within {self.cfg.rpc_timeout_s} s (rpc_timeout_s)"
-            ) from None
+        """Call ``method`` on every worker. Raises ``EngineDeadError`` as soon as
+        the engine dies (vLLM leaves such a call pending) and
+        ``WorkerTimeoutError`` after ``cfg.rpc_timeout_s``, instead of waiting forever."""
+        self._check_alive()
+        call = asyncio.ensure_future(self._engine.collective_rpc(method, args=args))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.cfg.rpc_timeout_s
+        while not call.done():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                call.cancel()
+                raise WorkerTimeoutError(
+                    f"worker call {method!r} got no answer within {self.cfg.rpc_timeout_s} s (rpc_timeout_s)"
+                )
+            await asyncio.wait({call}, timeout=min(remaining, ENGINE_POLL_S))
+            if not call.done() and self._engine.errored:
+                call.cancel()
+                self._check_alive()
+        return call.result()
 
     # -- steering state --------------------------------------------------------
 

@@ -9,6 +9,7 @@
     ├── ChatError (ValueError)          a conversation cannot be formatted
     ├── PromptError (ValueError, TypeError) a prompt is empty, too long or not text/token ids
     ├── EngineClosedError (RuntimeError) the model was used after close()
+    ├── EngineDeadError (RuntimeError)   the engine's processes died
     ├── WorkerTimeoutError (TimeoutError) a worker RPC got no answer in time
     └── EmbeddedModelError (RuntimeError) the embedded model cannot be prepared
 
@@ -53,6 +54,11 @@ class PromptError(WorkbenchError, ValueError, TypeError):
 
 class EngineClosedError(WorkbenchError, RuntimeError):
     """The model was used after ``close()``."""
+
+
+class EngineDeadError(WorkbenchError, RuntimeError):
+    """The engine's processes died; start a new ``VLLMSteerModel`` (or call
+    ``workbench.notebook.get_engine()``, which restarts it)."""
 
 
 class WorkerTimeoutError(WorkbenchError, TimeoutError):
