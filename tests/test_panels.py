@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import plotly.graph_objects as go
 import pytest
 import torch
 
 from tests.conftest import ENGINE_SETTINGS
-from workbench import SpecError, VLLMSteeringConfig
+from workbench import (
+    AblationSpec,
+    AddSpec,
+    LayerSteeringSpec,
+    ProjectionCapSpec,
+    SpecError,
+    SteeringSpec,
+    VLLMSteeringConfig,
+)
 from workbench.notebook import Workbench, get_engine, shutdown_engine
 from workbench.notebook.panels import RowState, rows_to_spec
 from workbench.vector_library import VectorLibrary
@@ -76,6 +85,79 @@ def test_steering_editor_applies_and_chat_compares(bench, tmp_path):
     bench.steering.save()
     bench.steering.clear().result(60)
     assert model.export_steering_spec().is_empty()
-    bench.steering.load()
-    bench.steering.last_future.result(60)
-    assert model.export_steering_spec() == rows_to_spec([RowState(layer=3, scale=120.0)], model.hidden_size)
+    bench.steering.load().result(60)
+    assert_spec_close(model.export_steering_spec(), rows_to_spec([RowState(layer=3, scale=120.0)], model.hidden_size))
+
+
+def assert_spec_close(ours: SteeringSpec, expected: SteeringSpec) -> None:
+    """Specs rebuilt through editor rows match up to float rounding (add = unit direction x norm)."""
+    assert sorted(ours.layers) == sorted(expected.layers)
+    for layer, want in expected.layers.items():
+        got = ours.layers[layer]
+        for op in ("add", "projection_cap", "ablation"):
+            a, b = getattr(got, op), getattr(want, op)
+            assert (a is None) == (b is None), (layer, op)
+            if b is None:
+                continue
+            assert a.positions == b.positions
+            assert torch.allclose(
+                a.effect if op == "add" else a.vector, b.effect if op == "add" else b.vector, atol=1e-5
+            )
+        if want.projection_cap is not None:
+            assert got.projection_cap.min == want.projection_cap.min
+        if want.ablation is not None:
+            assert got.ablation.scale == pytest.approx(want.ablation.scale)
+
+
+@pytest.mark.slow
+def test_spec_file_session_and_figure_export(bench, tmp_path):
+    model = bench.engine.model
+    g = torch.Generator().manual_seed(11)
+    spec = SteeringSpec(
+        {
+            2: LayerSteeringSpec(
+                add=AddSpec(torch.randn(576, generator=g), scale=2.0, positions="generated"),
+                projection_cap=ProjectionCapSpec(torch.randn(576, generator=g), min=-1.0, max=3.0),
+            ),
+            7: LayerSteeringSpec(ablation=AblationSpec(torch.randn(576, generator=g), scale=0.25)),
+        }
+    )
+    spec.save(tmp_path / "mine.safetensors")
+    bench.steering.path.value = str(tmp_path / "mine.safetensors")
+    bench.steering.load().result(60)  # a file becomes editor rows, then is applied
+    assert [(r.layer.value, r.op.value, r.positions.value) for r in bench.steering.rows] == [
+        (2, "add", "generated"),
+        (2, "cap", "all"),
+        (7, "ablate", "all"),
+    ]
+    assert_spec_close(model.export_steering_spec(), spec)
+
+    bench.chat.max_tokens.value = 6
+    bench.chat.input.value = "Name a colour."
+    bench.chat.send().result(120)
+    messages = len(bench.chat.history)  # system + earlier turns + the question (the reply is generated)
+    assert len(bench.activations.message_cosines.data[0].z) == messages
+
+    folder = tmp_path / "session"
+    bench.save_session(folder)
+    history, settings = list(bench.chat.history), bench.chat.settings()
+
+    def heatmap_data() -> dict:
+        return go.Figure(bench.activations.message_cosines).to_dict()["data"][0]["z"]
+
+    heatmap = heatmap_data()
+    bench.chat.reset()
+    bench.steering.clear().result(60)
+    assert model.export_steering_spec().is_empty()
+    bench.load_session(folder).result(60)
+    assert bench.chat.history == history and bench.chat.settings() == settings
+    assert "Name a colour." in bench.chat.transcript.value
+    assert_spec_close(model.export_steering_spec(), spec)
+    assert heatmap_data() == heatmap
+
+    paths = bench.export_figures(tmp_path / "figures")
+    assert len(paths) == 3 * len(bench.activations.figures())
+    for path in paths:
+        content = path.read_bytes()
+        expected = {".png": b"\x89PNG", ".svg": b"<svg", ".html": b"plotly"}[path.suffix]
+        assert expected in content[:200] if path.suffix == ".png" else expected in content, path

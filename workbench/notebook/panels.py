@@ -22,6 +22,7 @@ import torch
 
 from workbench.notebook import figures
 from workbench.notebook.engine import NotebookEngine
+from workbench.notebook.session import FIGURE_FORMATS, Session, export_figure, load_session, save_session
 from workbench.specs import AblationSpec, AddSpec, LayerSteeringSpec, ProjectionCapSpec, SteeringSpec
 from workbench.tables import captures_frame
 from workbench.vector_library import VectorLibrary
@@ -43,6 +44,8 @@ class RowState:
     vector_name: str = ""
     scale: float = 4.0
     cap_range: tuple[float, float] = (-5.0, 5.0)
+    positions: str = "all"
+    """Tokens the op applies to: "all", "prompt" or "generated"."""
     enabled: bool = True
 
 
@@ -66,14 +69,39 @@ def rows_to_spec(rows: list[RowState], hidden_size: int, library: VectorLibrary 
         vector = _direction(row, hidden_size, library)
         ops = layers.setdefault(row.layer, {})
         if row.op == "add":
-            ops["add"] = AddSpec(vector, scale=row.scale)
+            ops["add"] = AddSpec(vector, scale=row.scale, positions=row.positions)
         elif row.op == "cap":
-            ops["projection_cap"] = ProjectionCapSpec(vector, min=row.cap_range[0], max=row.cap_range[1])
+            low, high = row.cap_range
+            ops["projection_cap"] = ProjectionCapSpec(vector, min=low, max=high, positions=row.positions)
         elif row.op == "ablate":
-            ops["ablation"] = AblationSpec(vector, scale=row.scale)
+            ops["ablation"] = AblationSpec(vector, scale=row.scale, positions=row.positions)
         else:
             raise ValueError(f"unknown op {row.op!r}; known: {OPS}")
     return SteeringSpec({layer: LayerSteeringSpec(**ops) for layer, ops in layers.items()})
+
+
+OPEN_BOUND = 1e9
+"""Stands for a missing cap bound in the editor (a range slider needs two numbers)."""
+
+
+def rows_from_spec(spec: SteeringSpec, library: VectorLibrary, prefix: str) -> list[RowState]:
+    """Editor rows that rebuild ``spec``: each vector goes into ``library`` as
+    ``<prefix>-<layer>-<op>`` (add vectors as a unit direction plus the scale)."""
+    rows = []
+    for layer, layer_spec in sorted(spec.layers.items()):
+        if (add := layer_spec.add) is not None:
+            norm = float(add.effect.norm())
+            library.save(name := f"{prefix}-{layer}-add", add.effect / norm)
+            rows.append(RowState(layer, "add", "library", vector_name=name, scale=norm, positions=add.positions))
+        if (cap := layer_spec.projection_cap) is not None:
+            library.save(name := f"{prefix}-{layer}-cap", cap.vector)
+            bounds = (-OPEN_BOUND if cap.min is None else cap.min, OPEN_BOUND if cap.max is None else cap.max)
+            rows.append(RowState(layer, "cap", "library", vector_name=name, cap_range=bounds, positions=cap.positions))
+        if (ablation := layer_spec.ablation) is not None:
+            library.save(name := f"{prefix}-{layer}-ablate", ablation.vector)
+            scale, positions = ablation.scale, ablation.positions
+            rows.append(RowState(layer, "ablate", "library", vector_name=name, scale=scale, positions=positions))
+    return rows
 
 
 def _error_html(error: BaseException) -> str:
@@ -106,7 +134,15 @@ class SteeringRow:
             value=state.scale, min=-200.0, max=200.0, step=1.0, description="scale", continuous_update=False
         )
         self.cap_range = w.FloatRangeSlider(
-            value=state.cap_range, min=-50.0, max=50.0, step=0.5, description="cap", continuous_update=False
+            value=state.cap_range,
+            min=min(-50.0, state.cap_range[0]),
+            max=max(50.0, state.cap_range[1]),
+            step=0.5,
+            description="cap",
+            continuous_update=False,
+        )
+        self.positions = w.Dropdown(
+            options=["all", "prompt", "generated"], value=state.positions, layout={"width": "110px"}
         )
         self.enabled = w.Checkbox(value=state.enabled, description="on", indent=False, layout={"width": "50px"})
         remove = w.Button(icon="trash", tooltip="remove row", layout={"width": "36px"})
@@ -121,6 +157,7 @@ class SteeringRow:
                 self.vector_name,
                 self.scale,
                 self.cap_range,
+                self.positions,
                 remove,
             ]
         )
@@ -144,6 +181,7 @@ class SteeringRow:
             vector_name=self.vector_name.value,
             scale=self.scale.value,
             cap_range=tuple(self.cap_range.value),
+            positions=self.positions.value,
             enabled=self.enabled.value,
         )
 
@@ -220,18 +258,23 @@ class SteeringPanel(_StatusMixin):
         except Exception as error:
             self._report(error)
 
-    def load(self) -> None:
-        """Load a spec file and apply it (rows are not rebuilt from files: the text shows it)."""
+    def load(self) -> Any:
+        """Load a spec file into editor rows (its vectors go into the library) and apply it."""
         try:
             spec = SteeringSpec.load(self.path.value)
+            spec.validate_for(self.engine.model.hidden_size, self.engine.model.layer_count)
         except Exception as error:
             self._report(error)
-            return
-        self.spec_text.value = f"<code>{html.escape(repr(spec))}</code>"
-        self.last_future = self.engine.submit(
-            self.engine.model.apply_steering_spec(spec),
-            lambda _, error: self._report(error, f"loaded {self.path.value}"),
-        )
+            return None
+        return self.show_spec(spec, Path(self.path.value).stem)
+
+    def show_spec(self, spec: SteeringSpec, name: str) -> Any:
+        """Replace the rows by ones that rebuild ``spec`` and apply it."""
+        self.rows = []
+        for state in rows_from_spec(spec, self.library, name):
+            self.add_row(state)
+        self.rows_box.children = [r.box for r in self.rows]
+        return self.apply()
 
 
 @dataclass
@@ -250,9 +293,14 @@ class ActivationsPanel:
         self.message_norms = go.FigureWidget(figures.build_message_norm_figure(_empty_frame(), layer))
         self.layer_cosines = go.FigureWidget(figures.build_layer_cosine_figure(_empty_cosines()))
         self.heatmap = go.FigureWidget(figures.build_token_heatmap_figure(_empty_frame()))
+        self.message_cosines = go.FigureWidget(figures.build_cosine_heatmap_figure(_empty_message_cosines()))
         self.frame = _empty_frame()
         self.widget = w.VBox(
-            [w.HBox([self.layer_norms, self.message_norms]), w.HBox([self.layer_cosines, self.heatmap])]
+            [
+                w.HBox([self.layer_norms, self.message_norms]),
+                w.HBox([self.layer_cosines, self.message_cosines]),
+                self.heatmap,
+            ]
         )
 
     def update(self, handles: list[Any], labels: list[str], tokenizer: Any) -> None:
@@ -262,6 +310,9 @@ class ActivationsPanel:
         _replace(self.message_norms, figures.build_message_norm_figure(self.frame, self.layer))
         _replace(self.layer_cosines, figures.build_layer_cosine_figure(cosines))
         _replace(self.heatmap, figures.build_token_heatmap_figure(self.frame, labels[-1]))
+        _replace(
+            self.message_cosines, figures.build_cosine_heatmap_figure(figures.message_cosines(handles[-1], self.layer))
+        )
 
     def figures(self) -> dict[str, go.FigureWidget]:
         return {
@@ -269,6 +320,7 @@ class ActivationsPanel:
             "message_norms": self.message_norms,
             "layer_cosines": self.layer_cosines,
             "token_heatmap": self.heatmap,
+            "message_cosines": self.message_cosines,
         }
 
 
@@ -278,6 +330,12 @@ def _empty_frame() -> Any:
     return pd.DataFrame(
         columns=["request", "layer", "position", "token_id", "token", "phase", "message", "role", "norm"]
     ).astype({"layer": int, "position": int, "message": int, "norm": float})
+
+
+def _empty_message_cosines() -> Any:
+    import pandas as pd
+
+    return pd.DataFrame({"message_a": [], "message_b": [], "cosine": []})
 
 
 def _empty_cosines() -> Any:
@@ -337,6 +395,26 @@ class ChatPanel(_StatusMixin):
         self.history, self.turns = [], []
         self._render()
 
+    def settings(self) -> dict[str, Any]:
+        """The controls' values and the turns shown (baseline replies included), as JSON-able data."""
+        return {
+            "system": self.system.value,
+            "prefill": self.prefill.value,
+            "compare": self.compare.value,
+            "temperature": self.temperature.value,
+            "max_tokens": self.max_tokens.value,
+            "turns": [{"user": turn.user, "replies": turn.replies} for turn in self.turns],
+        }
+
+    def restore(self, history: list[dict[str, str]], settings: dict[str, Any]) -> None:
+        """Put back a saved conversation and the controls' values."""
+        for name in ("system", "prefill", "compare", "temperature", "max_tokens"):
+            if name in settings:
+                getattr(self, name).value = settings[name]
+        self.history = list(history)
+        self.turns = [Turn(turn["user"], dict(turn["replies"])) for turn in settings.get("turns", [])]
+        self._render()
+
     def _render(self) -> None:
         parts = []
         for turn in self.turns:
@@ -392,8 +470,9 @@ class ChatPanel(_StatusMixin):
         return self.last_future
 
 
-class Workbench:
-    """Steering editor, chat and activation plots for one engine.
+class Workbench(_StatusMixin):
+    """Steering editor, chat and activation plots for one engine, and a
+    session bar that saves / reloads the session and exports the figures.
 
     Example::
 
@@ -410,7 +489,61 @@ class Workbench:
         self.steering = SteeringPanel(engine, library_dir)
         self.activations = ActivationsPanel(layer)
         self.chat = ChatPanel(engine, self.activations)
-        self.widget = w.VBox([w.HBox([self.chat.widget, self.steering.widget]), self.activations.widget])
+        self.folder = w.Text(value="session", description="folder")
+        self.status = w.HTML()
+        buttons = {
+            "Save session": lambda _: self._safely(self.save_session, self.folder.value),
+            "Load session": lambda _: self._safely(self.load_session, self.folder.value),
+            "Export figures": lambda _: self._safely(self.export_figures, self.folder.value),
+        }
+        bar = [self.folder]
+        for label, callback in buttons.items():
+            button = w.Button(description=label)
+            button.on_click(callback)
+            bar.append(button)
+        self.widget = w.VBox(
+            [
+                w.HBox([self.chat.widget, self.steering.widget]),
+                w.HBox([*bar, self.status]),
+                self.activations.widget,
+            ]
+        )
+
+    def _safely(self, action: Any, folder: str) -> None:
+        try:
+            action(folder)
+            self._report(None, f"{action.__name__.replace('_', ' ')}: {folder}")
+        except Exception as error:
+            self._report(error)
+
+    def session(self) -> Session:
+        return Session(
+            spec=self.engine.model.export_steering_spec(),
+            history=list(self.chat.history),
+            settings=self.chat.settings(),
+            figures=dict(self.activations.figures()),
+        )
+
+    def save_session(self, folder: str | Path, figure_formats: tuple[str, ...] = ()) -> Path:
+        """Spec, conversation, controls and figure data into ``folder`` (reload with ``load_session``)."""
+        return save_session(folder, self.session(), figure_formats)
+
+    def load_session(self, folder: str | Path) -> Any:
+        """Restore a saved session: editor rows and the applied spec, chat, controls, figures."""
+        saved = load_session(folder)
+        self.chat.restore(saved.history, saved.settings)
+        for name, widget in self.activations.figures().items():
+            if name in saved.figures:
+                _replace(widget, saved.figures[name])
+        return self.steering.show_spec(saved.spec, f"{Path(folder).name}-spec")
+
+    def export_figures(self, folder: str | Path, formats: tuple[str, ...] = FIGURE_FORMATS) -> list[Path]:
+        """Every plot as standalone HTML, PNG and SVG under ``folder``."""
+        return [
+            path
+            for name, figure in self.activations.figures().items()
+            for path in export_figure(figure, Path(folder) / name, formats)
+        ]
 
     def _repr_mimebundle_(self, **kwargs: Any) -> Any:
         return self.widget._repr_mimebundle_(**kwargs)
