@@ -156,8 +156,34 @@ def test_spec_file_session_and_figure_export(bench, tmp_path):
     assert heatmap_data() == heatmap
 
     paths = bench.export_figures(tmp_path / "figures")
-    assert len(paths) == 3 * len(bench.activations.figures())
+    assert len(paths) == 3 * len(bench.figures()) == 3 * 6
     for path in paths:
         content = path.read_bytes()
         expected = {".png": b"\x89PNG", ".svg": b"<svg", ".html": b"plotly"}[path.suffix]
         assert expected in content[:200] if path.suffix == ".png" else expected in content, path
+
+
+@pytest.mark.slow
+def test_sweep_and_direction_from_captures(bench):
+    sweep = bench.sweep
+    sweep.layer.value, sweep.scales.value, sweep.max_tokens.value = 3, "0, 8, 32", 6
+    sweep.run().result(120)
+    assert list(sweep.frame["scale"]) == [0.0, 8.0, 32.0]
+    assert sweep.progress.value == 3
+    assert list(sweep.figure.data[0].x) == [0.0, 8.0, 32.0]
+    assert "<table" in sweep.table.value
+    projections = list(sweep.frame["proj_generated_mean"])
+    assert projections[2] > projections[0]  # adding more of the direction moves the stream along it
+    sweep.scales.value = "a, b"
+    assert sweep.run() is None and "scales must be numbers" in sweep.status.value
+
+    contrast = bench.contrast
+    contrast.positive.value = "I love this!\nWhat a wonderful day."
+    contrast.negative.value = "I hate this.\nWhat an awful day."
+    contrast.layer.value, contrast.name.value = 5, "sentiment"
+    contrast.make().result(120)
+    vector, metadata = bench.steering.library.load("sentiment")
+    assert vector.shape == (576,) and metadata["method"] == "mean_diff" and metadata["layer"] == 5
+    sweep.vector_name.value, sweep.scales.value = "sentiment", "0, 4"
+    sweep.run().result(120)
+    assert len(sweep.frame) == 2

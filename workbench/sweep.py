@@ -11,7 +11,7 @@ at ``measure_layer`` (default: the steered layer, after the op):
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
@@ -50,7 +50,7 @@ async def run_sweep(
     measure_layer: int | None = None,
     chat_options: Mapping[str, Any] | None = None,
     base_spec: SteeringSpec | None = None,
-    progress: bool = True,
+    progress: bool | Callable[[int, int], None] = True,
 ) -> pd.DataFrame:
     from vllm import SamplingParams
 
@@ -78,9 +78,20 @@ async def run_sweep(
         return str(texts[0]), handles[0]
 
     tasks = [asyncio.ensure_future(one(spec)) for spec in specs]
-    with tqdm(total=len(tasks), desc=f"sweep layer {layer}", disable=not progress) as bar:
+    report = progress if callable(progress) else None
+    with tqdm(total=len(tasks), desc=f"sweep layer {layer}", disable=not progress or report is not None) as bar:
+
+        done = 0
+
+        def finished(_: Any) -> None:
+            nonlocal done
+            done += 1
+            bar.update()
+            if report is not None:
+                report(done, len(tasks))
+
         for task in tasks:
-            task.add_done_callback(lambda _: bar.update())
+            task.add_done_callback(finished)
         results = await asyncio.gather(*tasks)
     rows = []
     for scale, (text, handle) in zip(scales, results):

@@ -20,6 +20,7 @@ import ipywidgets as w
 import plotly.graph_objects as go
 import torch
 
+from workbench.errors import SpecError
 from workbench.notebook import figures
 from workbench.notebook.engine import NotebookEngine
 from workbench.notebook.session import FIGURE_FORMATS, Session, export_figure, load_session, save_session
@@ -470,6 +471,148 @@ class ChatPanel(_StatusMixin):
         return self.last_future
 
 
+def _layer_input(layer_count: int) -> w.BoundedIntText:
+    return w.BoundedIntText(value=layer_count // 2, min=0, max=layer_count - 1, description="layer")
+
+
+def parse_scales(text: str) -> list[float]:
+    """Scales typed as "0, 2, 4" or "0 2 4"."""
+    try:
+        scales = [float(part) for part in text.replace(",", " ").split()]
+    except ValueError:
+        raise SpecError(f"scales must be numbers separated by commas or spaces, got {text!r}") from None
+    if not scales:
+        raise SpecError("scales is empty")
+    return scales
+
+
+class SweepPanel(_StatusMixin):
+    """One layer and direction at many scales, run as one batch; texts as a
+    table and the projection on the direction against scale."""
+
+    def __init__(self, engine: NotebookEngine, library: VectorLibrary) -> None:
+        self.engine = engine
+        self.library = library
+        model = engine.model
+        self.layer = _layer_input(model.layer_count)
+        self.op = w.Dropdown(options=["add", "ablation"], value="add", description="op")
+        self.seed = w.IntText(value=0, description="seed")
+        self.vector_name = w.Text(placeholder="library vector (else random from seed)", description="vector")
+        self.scales = w.Text(value="0, 4, 8, 16, 32", description="scales")
+        self.prompt = w.Text(value="Tell me about your day.", description="prompt", layout={"width": "95%"})
+        self.max_tokens = w.IntSlider(value=24, min=1, max=256, description="max tokens", continuous_update=False)
+        self.progress = w.IntProgress(value=0, min=0, max=1, description="sweep")
+        self.table = w.HTML()
+        self.figure = go.FigureWidget(figures.build_sweep_figure(_empty_sweep()))
+        self.status = w.HTML()
+        self.frame = _empty_sweep()
+        self.last_future: Any = None
+        run = w.Button(description="Run sweep", button_style="primary", icon="play")
+        run.on_click(lambda _: self.run())
+        self.widget = w.VBox(
+            [
+                w.HTML("<b>Sweep</b>"),
+                w.HBox([self.layer, self.op, self.seed, self.vector_name]),
+                w.HBox([self.scales, self.max_tokens, run, self.progress]),
+                self.prompt,
+                w.HBox([self.figure, self.table]),
+                self.status,
+            ]
+        )
+
+    def run(self) -> Any:
+        """Start the sweep; returns the bridge future (the table and plot update when it finishes)."""
+        from vllm import SamplingParams
+
+        model = self.engine.model
+        try:
+            scales = parse_scales(self.scales.value)
+            source = "library" if self.vector_name.value.strip() else "random"
+            row = RowState(self.layer.value, source=source, seed=self.seed.value, vector_name=self.vector_name.value)
+            vector = _direction(row, model.hidden_size, self.library)
+        except Exception as error:
+            self._report(error)
+            return None
+        self.progress.value, self.progress.max = 0, len(scales)
+        self.status.value = "running..."
+
+        def progress(done: int, total: int) -> None:
+            self.progress.value = done
+
+        def done(frame: Any, error: BaseException | None) -> None:
+            if error is not None:
+                self._report(error)
+                return
+            self.frame = frame
+            self.table.value = frame[["scale", "proj_generated_mean", "text"]].to_html(index=False, float_format="%.2f")
+            _replace(self.figure, figures.build_sweep_figure(frame))
+            self._report(None, f"{len(frame)} scales")
+
+        sweep = model.sweep(
+            self.prompt.value,
+            self.layer.value,
+            vector,
+            scales,
+            SamplingParams(temperature=0.0, max_tokens=self.max_tokens.value),
+            op=self.op.value,
+            progress=progress,
+        )
+        self.last_future = self.engine.submit(sweep, done)
+        return self.last_future
+
+
+def _empty_sweep() -> Any:
+    import pandas as pd
+
+    return pd.DataFrame({"scale": [], "proj_generated_mean": [], "text": pd.Series([], dtype=object)})
+
+
+class ContrastPanel(_StatusMixin):
+    """A direction from the difference of captured means of two prompt sets,
+    saved into the vector library so steering and sweep rows can use it."""
+
+    def __init__(self, engine: NotebookEngine, library: VectorLibrary) -> None:
+        self.engine = engine
+        self.library = library
+        model = engine.model
+        self.positive = w.Textarea(placeholder="one example per line", description="positive")
+        self.negative = w.Textarea(placeholder="one example per line", description="negative")
+        self.layer = _layer_input(model.layer_count)
+        self.tokens = w.Dropdown(options=["last_prompt", "prompt_mean"], value="last_prompt", description="tokens")
+        self.name = w.Text(value="contrast", description="save as")
+        self.status = w.HTML()
+        self.last_future: Any = None
+        make = w.Button(description="Make vector", icon="magic")
+        make.on_click(lambda _: self.make())
+        self.widget = w.VBox(
+            [
+                w.HTML("<b>Direction from captured means</b> (positive minus negative)"),
+                w.HBox([self.positive, self.negative]),
+                w.HBox([self.layer, self.tokens, self.name, make]),
+                self.status,
+            ]
+        )
+
+    def make(self) -> Any:
+        from workbench.contrast import extract_contrast_vectors
+
+        positive = [line for line in self.positive.value.splitlines() if line.strip()]
+        negative = [line for line in self.negative.value.splitlines() if line.strip()]
+        layer, name = self.layer.value, self.name.value
+
+        async def extract() -> Any:
+            vectors = await extract_contrast_vectors(
+                self.engine.model, positive, negative, [layer], tokens=self.tokens.value
+            )
+            return self.library.save(name, vectors[layer])
+
+        def done(_: Any, error: BaseException | None) -> None:
+            self._report(error, f"saved {name!r} (layer {layer}); use it as a library vector")
+
+        self.last_future = self.engine.submit(extract(), done)
+        return self.last_future
+
+
 class Workbench(_StatusMixin):
     """Steering editor, chat and activation plots for one engine, and a
     session bar that saves / reloads the session and exports the figures.
@@ -489,6 +632,8 @@ class Workbench(_StatusMixin):
         self.steering = SteeringPanel(engine, library_dir)
         self.activations = ActivationsPanel(layer)
         self.chat = ChatPanel(engine, self.activations)
+        self.sweep = SweepPanel(engine, self.steering.library)
+        self.contrast = ContrastPanel(engine, self.steering.library)
         self.folder = w.Text(value="session", description="folder")
         self.status = w.HTML()
         buttons = {
@@ -506,6 +651,7 @@ class Workbench(_StatusMixin):
                 w.HBox([self.chat.widget, self.steering.widget]),
                 w.HBox([*bar, self.status]),
                 self.activations.widget,
+                w.Accordion([self.sweep.widget, self.contrast.widget], titles=("Sweep", "Direction from captures")),
             ]
         )
 
@@ -516,12 +662,16 @@ class Workbench(_StatusMixin):
         except Exception as error:
             self._report(error)
 
+    def figures(self) -> dict[str, go.FigureWidget]:
+        """Every plot of the workbench by name."""
+        return {**self.activations.figures(), "sweep": self.sweep.figure}
+
     def session(self) -> Session:
         return Session(
             spec=self.engine.model.export_steering_spec(),
             history=list(self.chat.history),
             settings=self.chat.settings(),
-            figures=dict(self.activations.figures()),
+            figures=dict(self.figures()),
         )
 
     def save_session(self, folder: str | Path, figure_formats: tuple[str, ...] = ()) -> Path:
@@ -532,7 +682,7 @@ class Workbench(_StatusMixin):
         """Restore a saved session: editor rows and the applied spec, chat, controls, figures."""
         saved = load_session(folder)
         self.chat.restore(saved.history, saved.settings)
-        for name, widget in self.activations.figures().items():
+        for name, widget in self.figures().items():
             if name in saved.figures:
                 _replace(widget, saved.figures[name])
         return self.steering.show_spec(saved.spec, f"{Path(folder).name}-spec")
@@ -541,7 +691,7 @@ class Workbench(_StatusMixin):
         """Every plot as standalone HTML, PNG and SVG under ``folder``."""
         return [
             path
-            for name, figure in self.activations.figures().items()
+            for name, figure in self.figures().items()
             for path in export_figure(figure, Path(folder) / name, formats)
         ]
 
