@@ -80,7 +80,6 @@ async def run_sweep(
     tasks = [asyncio.ensure_future(one(spec)) for spec in specs]
     report = progress if callable(progress) else None
     with tqdm(total=len(tasks), desc=f"sweep layer {layer}", disable=not progress or report is not None) as bar:
-
         done = 0
 
         def finished(_: Any) -> None:
