@@ -126,7 +126,7 @@ def step_rows(runner: Any) -> StepRows:
     )
 
 
-def request_payload(runner: Any, req_id: str) -> dict[str, Any] | None:
+def scheduled_payload(runner: Any, req_id: str) -> dict[str, Any] | None:
     """Our ``extra_args`` payload of a scheduled request (``runner.requests``
     holds each request's ``CachedRequestState`` with its sampling params)."""
     extra = runner.requests[req_id].sampling_params.extra_args

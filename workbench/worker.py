@@ -140,7 +140,7 @@ class _BatchPayloads:
 
     @classmethod
     def read(cls, runner: Any, req_ids: tuple[str, ...]) -> _BatchPayloads:
-        payloads = [vi.request_payload(runner, req_id) for req_id in req_ids]
+        payloads = [vi.scheduled_payload(runner, req_id) for req_id in req_ids]
         slot_of = np.array([payload["slot"] if payload else 0 for payload in payloads], dtype=np.int64)
         capturing = [place for place, payload in enumerate(payloads) if payload and "capture_id" in payload]
         layers = frozenset(layer for place in capturing for layer in payloads[place]["layers"])  # type: ignore[index]
@@ -153,7 +153,7 @@ def _write_if_changed(buffer: StepInputBuffer, written: np.ndarray, rows: np.nda
     count = rows.shape[0]
     if count <= written.shape[0] and np.array_equal(written[:count], rows):
         return written
-    buffer.write(rows if rows.ndim == 2 or buffer.target.ndim == 1 else rows[:, None])
+    buffer.write(rows.reshape(-1, *buffer.target.shape[1:]))
     return rows
 
 
