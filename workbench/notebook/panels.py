@@ -148,19 +148,13 @@ class SteeringRow:
         self.enabled = w.Checkbox(value=state.enabled, description="on", indent=False, layout={"width": "50px"})
         remove = w.Button(icon="trash", tooltip="remove row", layout={"width": "36px"})
         remove.on_click(lambda _: on_remove(self))
-        self.box = w.HBox(
+        # Two lines, so a row fits the editor's half of the workbench.
+        self.box = w.VBox(
             [
-                self.enabled,
-                self.layer,
-                self.op,
-                self.source,
-                self.seed,
-                self.vector_name,
-                self.scale,
-                self.cap_range,
-                self.positions,
-                remove,
-            ]
+                w.HBox([self.enabled, self.layer, self.op, self.positions, remove]),
+                w.HBox([self.source, self.seed, self.vector_name, self.scale, self.cap_range]),
+            ],
+            layout={"border_bottom": "1px solid #ddd"},
         )
         self.op.observe(self._show_relevant, names="value")
         self.source.observe(self._show_relevant, names="value")
@@ -632,6 +626,8 @@ class Workbench(_StatusMixin):
         self.steering = SteeringPanel(engine, library_dir)
         self.activations = ActivationsPanel(layer)
         self.chat = ChatPanel(engine, self.activations)
+        self.chat.widget.layout.width = "55%"
+        self.steering.widget.layout.width = "45%"
         self.sweep = SweepPanel(engine, self.steering.library)
         self.contrast = ContrastPanel(engine, self.steering.library)
         self.folder = w.Text(value="session", description="folder")
@@ -648,7 +644,7 @@ class Workbench(_StatusMixin):
             bar.append(button)
         self.widget = w.VBox(
             [
-                w.HBox([self.chat.widget, self.steering.widget]),
+                w.HBox([self.chat.widget, self.steering.widget], layout={"width": "100%"}),
                 w.HBox([*bar, self.status]),
                 self.activations.widget,
                 w.Accordion([self.sweep.widget, self.contrast.widget], titles=("Sweep", "Direction from captures")),
