@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -112,6 +113,8 @@ async def main(args: argparse.Namespace) -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # both engines fit beside each other on CPU
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")  # the plain engine starts before ours sets it
     preset = PRESETS[args.preset]
+    if args.rounds:
+        preset = dataclasses.replace(preset, rounds=args.rounds)
     enforce_eager = args.eager
     # Every configuration reruns the same prompts; with prefix caching the engine that
     # runs fewer configurations (plain vLLM) would keep its prompts cached and skip prefill.
@@ -177,9 +180,10 @@ async def main(args: argparse.Namespace) -> None:
         _, handles = result
         await model.fetch_captures_batch(handles)
         rows = preset.prompt_tokens + preset.output_tokens - 1
-        for handle in handles:  # verify every captured row came back
+        for handle in handles:  # verify every captured row came back, the last one written
             for layer in capture:
-                assert handle.captures[layer][0]["hidden"].shape == (rows, hidden)
+                captured = handle.captures[layer][0]["hidden"]
+                assert captured.shape == (rows, hidden) and captured[-1].any()
             handle.close()
         return preset.output_tokens * len(batch)
 
@@ -261,6 +265,7 @@ async def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--rounds", type=int, help="override the preset's rounds (5 on the GPU)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument(
         "--eager", dest="eager", action="store_true", default=None, help="enforce_eager=True for both engines"

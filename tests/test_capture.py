@@ -1,51 +1,165 @@
-"""CaptureAccumulator and CaptureHandle logic (no engine)."""
+"""Capture bookkeeping without an engine: the worker's CaptureStore writing a
+step's rows into per-capture files, the client reading them back, and
+CaptureHandle's rules."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from workbench import CaptureError, CaptureHandle, HandleReleasedError
-from workbench.capture import CaptureAccumulator
+from workbench.capture_space import FreeRanges, RowSpace
+from workbench.capture_store import CaptureStore, RowWriter
+from workbench.transfer import read_reply
+from workbench.worker import request_payload
+
+HIDDEN = 6
 
 
-def rows(start: int, count: int) -> torch.Tensor:
-    return torch.arange(start, start + count, dtype=torch.float32).unsqueeze(1).repeat(1, 2)
+@dataclass(frozen=True)
+class Step:
+    """The two fields of ``StepRows`` the store reads."""
+
+    starts: np.ndarray
+    computed: np.ndarray
 
 
-def step(rows_: torch.Tensor, layer: int = 0) -> dict[int, torch.Tensor]:
-    return {layer: rows_}
+def rows_at(positions: list[int], tag: float = 0.0) -> torch.Tensor:
+    """Rows whose values say their position (plus a tag telling requests apart)."""
+    return torch.tensor(positions, dtype=torch.float32).unsqueeze(1).repeat(1, HIDDEN) + tag
 
 
-def assembled(acc: CaptureAccumulator, layer: int) -> torch.Tensor:
-    out = torch.empty(acc.num_rows, 2)
-    acc.assemble_into(layer, out)
-    return out
+class Recorder:
+    """Feeds a CaptureStore steps of a batch the way the worker's step hook does."""
+
+    def __init__(self, payloads: list[dict | None]) -> None:
+        self.store = CaptureStore(HIDDEN, torch.float32, torch.device("cpu"))
+        self.payloads = payloads
+        self.capturing = [place for place, payload in enumerate(payloads) if payload and "capture_id" in payload]
+        self.key = object()
+
+    def step(self, chunks: list[tuple[int, int]], layers: tuple[int, ...] = (3,)) -> None:
+        """``chunks[place] = (first_position, count)``; each row holds its position + place * 1000."""
+        counts = [count for _, count in chunks]
+        starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        computed = np.array([first for first, _ in chunks], dtype=np.int64)
+        buffer = torch.cat(
+            [rows_at(list(range(first, first + count)), 1000.0 * place) for place, (first, count) in enumerate(chunks)]
+        )
+        buffers = {layer: buffer + 100_000 * layer for layer in layers}
+        self.store.record(self.key, self.payloads, self.capturing, Step(starts, computed), buffers)
+
+    def fetch(self, ids: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
+        reply = self.store.fetch(ids)
+        return read_reply(reply, HIDDEN), reply
 
 
-def test_chunks_concatenate_in_order():
-    acc = CaptureAccumulator((3,))
-    acc.add(0, step(rows(0, 4), 3), 0, 4)
-    acc.add(4, step(torch.cat([rows(50, 2), rows(4, 3)]), 3), 2, 5)  # rows 2..5 of a shared step snapshot
-    acc.add(7, step(rows(7, 1), 3), 0, 1)
-    assert torch.equal(assembled(acc, 3), rows(0, 8))
-    assert acc.gap is None
+def payload(capture_id: str, folder: Path | None, layers=(3,), capacity: int = 16) -> dict:
+    return request_payload(1, capture_id, layers, capacity, str(folder) if folder else None)
 
 
-def test_recomputed_rows_replace_what_they_overlap():
-    acc = CaptureAccumulator((0,))
-    acc.add(0, step(rows(0, 5)), 0, 5)
-    acc.add(5, step(rows(5, 1)), 0, 1)
-    acc.add(3, step(rows(3, 4) + 100), 0, 4)  # a preempted request recomputed from position 3
-    out = assembled(acc, 0)
-    assert torch.equal(out[:3], rows(0, 3))
-    assert torch.equal(out[3:], rows(3, 4) + 100)
+def test_rows_of_interleaved_requests_land_in_their_files(tmp_path):
+    recorder = Recorder([payload("a", tmp_path, (3, 5)), None, payload("b", tmp_path)])
+    recorder.step([(0, 4), (0, 2), (0, 3)], layers=(3, 5))  # prefill
+    for position in range(4):
+        recorder.step([(4 + position, 1), (2 + position, 1), (3 + position, 1)], layers=(3, 5))
+    assert len(list(tmp_path.iterdir())) == 3  # a/3, a/5, b/3: written while generating
+    rows, reply = recorder.fetch(["a", "b"])
+    assert reply["errors"] == {}
+    assert torch.equal(rows["a/3"], rows_at(list(range(8))) + 300_000)
+    assert torch.equal(rows["a/5"], rows_at(list(range(8))) + 500_000)
+    assert torch.equal(rows["b/3"], rows_at(list(range(7)), 2000.0) + 300_000)
+    assert not any(tmp_path.iterdir())  # the client unlinked the files it mapped
+    assert recorder.store.stats() == {"captures": 0, "released": 2}
 
 
-def test_gaps_are_reported():
-    acc = CaptureAccumulator((0,))
-    acc.add(2, step(rows(2, 2)), 0, 2)
-    assert acc.gap == "rows 0..1 were never computed"
+def test_recomputed_rows_replace_what_they_overlap(tmp_path):
+    recorder = Recorder([payload("a", tmp_path)])
+    recorder.step([(0, 5)])
+    recorder.step([(5, 1)])
+    recorder.step([(3, 4)])  # a preempted request recomputed from position 3
+    rows, _ = recorder.fetch(["a"])
+    assert torch.equal(rows["a/3"], rows_at(list(range(7))) + 300_000)
+
+
+def test_gaps_and_overflow_are_reported(tmp_path):
+    recorder = Recorder([payload("a", tmp_path), payload("b", tmp_path, capacity=3)])
+    recorder.step([(2, 2), (0, 5)])
+    _, reply = recorder.fetch(["a", "b"])
+    assert reply["errors"] == {
+        "a": "rows from 0 on were never recorded (vLLM skipped or exceeded them)",
+        "b": "rows from 3 on were never recorded (vLLM skipped or exceeded them)",
+    }
+    assert not any(tmp_path.iterdir())
+
+
+def test_released_captures_delete_their_files_and_stay_blocked(tmp_path):
+    recorder = Recorder([payload("a", tmp_path)])
+    recorder.step([(0, 3)])
+    recorder.store.release(["a"])
+    assert not any(tmp_path.iterdir())
+    recorder.step([(3, 1)])  # a step dispatched before the release arrived
+    assert recorder.store.stats() == {"captures": 0, "released": 1}
+    rows, _ = recorder.fetch(["a"])
+    assert rows == {}
+
+
+def test_rows_come_inline_when_the_folder_is_not_visible(tmp_path):
+    recorder = Recorder([payload("a", tmp_path / "elsewhere")])
+    recorder.step([(0, 3)])
+    rows, reply = recorder.fetch(["a"])
+    assert reply["files"] == {} and "data" in reply
+    assert torch.equal(rows["a/3"], rows_at([0, 1, 2]) + 300_000)
+
+
+def test_row_space_reuses_closed_windows(tmp_path):
+    space = RowSpace(HIDDEN, torch.float32, reserved_bytes=64 * 4096)
+    windows = [space.open(tmp_path / f"{i}.rows", 100) for i in range(3)]
+    space.view(windows[1], 100).fill_(7.0)
+    space.close(windows[1], unlink=False)
+    assert torch.equal(torch.from_file(str(tmp_path / "1.rows"), size=100 * HIDDEN), torch.full((100 * HIDDEN,), 7.0))
+    again = space.open(tmp_path / "again.rows", 100)
+    assert again.first_row == windows[1].first_row
+
+
+@given(st.lists(st.tuples(st.booleans(), st.integers(1, 20)), max_size=60))
+def test_free_ranges_never_overlap_and_merge_back(operations):
+    free = FreeRanges(0, 200)
+    taken: list[tuple[int, int]] = []
+    for allocate, length in operations:
+        if allocate or not taken:
+            start = free.take(length)
+            if start is not None:
+                assert all(start + length <= s or s + n <= start for s, n in taken)
+                assert 0 <= start and start + length <= 200
+                taken.append((start, length))
+        else:
+            free.give(*taken.pop(length % len(taken)))
+    for range_ in taken:
+        free.give(*range_)
+    assert free.take(200) == 0
+
+
+def test_threaded_writer_writes_in_order_and_reports_errors():
+    """The helper thread the CUDA path uses (there it waits for each step's copy event first)."""
+    target = torch.zeros(8, HIDDEN)
+    writer = RowWriter(target, threaded=True)
+    for step in range(20):
+        writer.submit(None, [(rows_at([step, step]), torch.tensor([step % 4, 4 + step % 4]))])
+    writer.drain()
+    assert torch.equal(target[:4], rows_at([16, 17, 18, 19]))
+    writer.submit(None, [(rows_at([0]), torch.tensor([99]))])
+    with pytest.raises(RuntimeError, match="writing captured rows failed"):
+        writer.drain()
+    writer.submit(None, [(rows_at([5]), torch.tensor([0]))])  # still usable afterwards
+    writer.drain()
+    assert torch.equal(target[0], rows_at([5])[0])
 
 
 def make_handle(**kw) -> CaptureHandle:

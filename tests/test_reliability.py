@@ -97,13 +97,14 @@ async def test_bad_input_raises_typed_errors_and_the_engine_keeps_serving(model,
 
 async def test_captures_come_back_inline_when_the_worker_cannot_see_the_shared_folder(model):
     """A worker on another host cannot see the client's /dev/shm folder: rows come back in the RPC reply."""
-    _, handles = await model.generate([PROMPTS[0], PROMPTS[0]], greedy(4), capture_layers=[2, 9])
-    await model.fetch_captures_batch(handles[:1])
+    _, shared = await model.generate(PROMPTS[0], greedy(4), capture_layers=[2, 9])
     folder, model._handoff_folder = model._handoff_folder, "/nonexistent/workbench-handoff"
     try:
-        await model.fetch_captures_batch(handles[1:])
+        _, inline = await model.generate(PROMPTS[0], greedy(4), capture_layers=[2, 9])
     finally:
         model._handoff_folder = folder
+    handles = shared + inline
+    await model.fetch_captures_batch(handles)
     for layer in (2, 9):
         assert torch.allclose(handles[0].hidden(layer), handles[1].hidden(layer), rtol=1e-5, atol=1e-5)
 

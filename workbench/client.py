@@ -176,7 +176,7 @@ class VLLMSteerModel:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._handoff = transfer.make_folder()
         self._handoff_folder: str | None = self._handoff.name
-        """Where workers put fetched rows (None: always inline in the RPC reply)."""
+        """Where workers write capture files (if they cannot see it, rows come inline in the fetch reply)."""
         self._closed = False
         if bootstrap_layers is not None:
             for layer in bootstrap_layers:
@@ -401,7 +401,9 @@ class VLLMSteerModel:
             request_params = params.clone()
             request_params.extra_args = {
                 **(params.extra_args or {}),
-                vi.EXTRA_ARGS_KEY: request_payload(slot, capture_id, layers),
+                vi.EXTRA_ARGS_KEY: request_payload(
+                    slot, capture_id, layers, self._capture_capacity(len(token_ids), params), self._handoff_folder
+                ),
             }
             if layers:
                 # Cached prefix blocks are never recomputed, so their rows would be missing.
@@ -431,6 +433,11 @@ class VLLMSteerModel:
             )
             handle._attach_release(_weak_release(self))
         return final, handle
+
+    def _capture_capacity(self, prompt_tokens: int, params: Any) -> int:
+        """Rows a request can produce: every token it can hold but the last sampled one."""
+        limit = self.cfg.max_model_len
+        return min(prompt_tokens + (params.max_tokens or limit), limit) - 1
 
     async def _load_slot(self, slot: int, spec: SteeringSpec) -> None:
         await self._rpc("workbench_load_slot", slot, encode_spec(spec))
@@ -463,17 +470,15 @@ class VLLMSteerModel:
                 raise HandleReleasedError(f"capture handle {handle.capture_id} was closed")
         if not pending:
             return
-        replies = await self._rpc(
-            "workbench_fetch_captures", [handle.capture_id for handle in pending], self._handoff_folder
-        )
+        replies = await self._rpc("workbench_fetch_captures", [handle.capture_id for handle in pending])
         layers: dict[str, dict[int, Tensor]] = {handle.capture_id: {} for handle in pending}
         for reply in replies:
-            rows = transfer.read_rows(reply, self._hidden_size)
+            rows = transfer.read_reply(reply, self._hidden_size)
             for capture_id, error in reply["errors"].items():
                 raise CaptureError(f"capture {capture_id} is incomplete: {error}")
-            for key, (first, count) in reply["index"].items():
+            for key, tensor in rows.items():
                 capture_id, layer = key.split("/")
-                layers[capture_id][int(layer)] = rows[first : first + count]
+                layers[capture_id][int(layer)] = tensor
         for handle in pending:
             found = layers[handle.capture_id]
             if not found:

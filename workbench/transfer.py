@@ -3,64 +3,47 @@
 A fetch moves hundreds of MB (256 requests x 192 tokens x 4096 x bf16 is
 400 MB per layer); vLLM's RPC channel would serialise and copy that several
 times. Instead the client owns a folder in shared memory (``/dev/shm``), the
-worker allocates the fetch's rows as a file there and assembles them in
-place, and the client maps the file and unlinks it: the rows are written
-once and never copied again. A worker that cannot see the folder (another
-host) falls back to safetensors bytes through the RPC reply.
+worker writes each capture's rows into files there while generating (see
+``workbench.capture_space``), and at fetch the client maps the files and
+unlinks them: the rows are written once and never copied again. A worker
+that cannot see the folder (another host) sends the rows as safetensors
+bytes in the RPC reply instead.
 """
 
 from __future__ import annotations
 
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load as load_tensors
-from safetensors.torch import save as save_tensors
 from torch import Tensor
 
 SHARED_MEMORY = Path("/dev/shm")
 
 
-def make_folder() -> tempfile.TemporaryDirectory[str]:
-    """The client's hand-off folder: in shared memory where the host has it."""
+def make_folder(prefix: str = "workbench-captures-") -> tempfile.TemporaryDirectory[str]:
+    """A folder for capture files: in shared memory where the host has it."""
     parent = SHARED_MEMORY if SHARED_MEMORY.is_dir() else None
-    return tempfile.TemporaryDirectory(prefix="workbench-captures-", dir=parent)
+    return tempfile.TemporaryDirectory(prefix=prefix, dir=parent)
 
 
-class RowsOut:
-    """The worker side: a ``[rows, hidden]`` tensor to assemble into, then its reply fields."""
+def read_reply(reply: dict[str, Any], hidden: int) -> dict[str, Tensor]:
+    """The client side of a fetch reply: ``"<capture_id>/<layer>"`` -> ``[rows, hidden]``.
 
-    def __init__(self, folder: str | None, rows: int, hidden: int, dtype: torch.dtype) -> None:
-        self.path: Path | None = None
-        if folder is not None and rows and Path(folder).is_dir():
-            self.path = Path(folder) / f"{uuid.uuid4().hex}.rows"
-            flat = torch.from_file(str(self.path), shared=True, size=rows * hidden, dtype=dtype)
-        else:
-            flat = torch.empty(rows * hidden, dtype=dtype)
-        self.rows = flat.view(rows, hidden)
-
-    def reply(self) -> dict[str, Any]:
-        fields: dict[str, Any] = {"dtype": str(self.rows.dtype).removeprefix("torch.")}
-        if self.path is not None:
-            fields["path"] = str(self.path)
-        else:
-            fields["data"] = save_tensors({"rows": self.rows})
-        return fields
-
-
-def read_rows(reply: dict[str, Any], hidden: int) -> Tensor:
-    """The client side: the reply's rows as a ``[rows, hidden]`` tensor, mapped
-    from the shared file (which is unlinked; the mapping lives as long as any
-    view of it) or decoded from the inline bytes."""
-    if "path" not in reply:
-        return load_tensors(reply["data"])["rows"]
-    path = Path(reply["path"])
+    Files are mapped privately (writes to the tensors stay in this process)
+    and unlinked at once: the memory lives as long as some view of it does.
+    """
+    tensors = load_tensors(reply["data"]) if "data" in reply else {}
     dtype = getattr(torch, reply["dtype"])
-    try:
-        count = path.stat().st_size // dtype.itemsize
-        return torch.from_file(str(path), shared=False, size=count, dtype=dtype).view(-1, hidden)
-    finally:
-        path.unlink(missing_ok=True)
+    for key, (name, rows) in reply["files"].items():
+        path = Path(name)
+        try:
+            if rows:
+                tensors[key] = torch.from_file(name, shared=False, size=rows * hidden, dtype=dtype).view(rows, hidden)
+            else:
+                tensors[key] = torch.empty(0, hidden, dtype=dtype)
+        finally:
+            path.unlink(missing_ok=True)
+    return tensors

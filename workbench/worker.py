@@ -27,12 +27,11 @@ from safetensors.torch import save as save_tensors
 from torch import Tensor, nn
 
 from workbench import _vllm_internals as vi
-from workbench.capture import CaptureAccumulator
+from workbench.capture_store import CaptureStore
 from workbench.layer import LayerUse, SteeredDecoderLayer, StepPlan
 from workbench.model_layers import decoder_layer_list
 from workbench.ops import TARGET_CODES as PHASE
 from workbench.specs import SteeringSpec
-from workbench.transfer import RowsOut
 
 logger = logging.getLogger(__name__)
 
@@ -40,10 +39,6 @@ LOAD_FORMAT = "workbench"
 INNER_LOAD_FORMAT_KEY = "workbench_inner_load_format"
 SETTINGS_KEY = "workbench"
 """Key of our settings in ``VllmConfig.additional_config`` (also salts vLLM's compile cache)."""
-
-RELEASE_GRACE_STEPS = 4
-"""Steps a released capture stays blocked, covering steps dispatched before the release arrived."""
-
 
 # -- the wire format between client and worker -------------------------------
 
@@ -79,12 +74,19 @@ def decode_spec(payload: dict[str, Any]) -> dict[int, dict[str, Any]]:
     }
 
 
-def request_payload(slot: int, capture_id: str | None, capture_layers: tuple[int, ...]) -> dict[str, Any]:
-    """What a request carries in ``extra_args``: its slot and, if capturing, what to capture."""
+def request_payload(
+    slot: int,
+    capture_id: str | None = None,
+    capture_layers: tuple[int, ...] = (),
+    capacity: int = 0,
+    folder: str | None = None,
+) -> dict[str, Any]:
+    """What a request carries in ``extra_args``: its slot and, if capturing,
+    what to capture, how many rows it can produce, and the client's hand-off
+    folder for the rows' files (None: send them inline)."""
     payload: dict[str, Any] = {"slot": slot}
     if capture_id is not None:
-        payload["capture_id"] = capture_id
-        payload["layers"] = list(capture_layers)
+        payload.update(capture_id=capture_id, layers=list(capture_layers), capacity=capacity, folder=folder)
     return payload
 
 
@@ -179,8 +181,11 @@ class SteeringRuntime:
         """Steps mostly repeat the same set of slots: their per-layer union, cached."""
         self.records_captures = True
         self.hooked = False
-        self._captures: dict[str, CaptureAccumulator] = {}
-        self._released: dict[str, int] = {}
+        some = next(iter(layers.values()))
+        self.device = some.add_vectors.device
+        self.vector_dtype = some.add_vectors.dtype
+        """Where and in what dtype the layers' tables hold vectors."""
+        self.captures = CaptureStore(some.captured.shape[1], some.captured.dtype, some.captured.device)
         self._step: vi.StepRows | None = None
         self._batch = _BatchPayloads((), [], np.zeros(0, dtype=np.int64), [], frozenset())
         self._written_slots = np.zeros(slot_index.shape[0], dtype=np.int64)
@@ -223,10 +228,9 @@ class SteeringRuntime:
             self.plan.capture_layers = batch.capture_layers
 
     def _write_pending_slots(self) -> None:
-        some = next(iter(self.layers.values())).add_vectors
         for slot, (layers, staged, touched) in self._pending_slots.items():
             if staged is not None:
-                rows = iter(staged.to(some.device, non_blocking=True))
+                rows = iter(staged.to(self.device, non_blocking=True))
                 for ops in layers.values():
                     for op in ops.values():
                         op["vector"] = next(rows)
@@ -245,56 +249,12 @@ class SteeringRuntime:
         return cached
 
     def after_step(self, runner: Any) -> None:
-        """Record the rows of capturing requests: one host snapshot per captured
-        layer of the rows they span, shared by the step's requests."""
-        if self.records_captures and self._batch.capturing:
-            self._record(self._step)  # type: ignore[arg-type]
-        for capture_id in list(self._released):
-            self._released[capture_id] -= 1
-            if self._released[capture_id] <= 0:
-                del self._released[capture_id]
-
-    def _record(self, step: vi.StepRows) -> None:
-        recording = []
-        for place in self._batch.capturing:
-            payload = self._batch.payloads[place]
-            capture_id = payload["capture_id"]  # type: ignore[index]
-            if capture_id in self._released:
-                self._released[capture_id] = RELEASE_GRACE_STEPS
-                continue
-            accumulator = self._captures.get(capture_id)
-            if accumulator is None:
-                accumulator = CaptureAccumulator(tuple(payload["layers"]))  # type: ignore[index]
-                self._captures[capture_id] = accumulator
-            recording.append((place, accumulator))
-        if not recording:
-            return
-        low = int(step.starts[recording[0][0]])
-        high = int(step.starts[recording[-1][0] + 1])
-        layers = {layer for _, accumulator in recording for layer in accumulator.layers}
-        snapshots, ready = self._snapshot(layers, low, high)
-        for place, accumulator in recording:
-            start, end = int(step.starts[place]) - low, int(step.starts[place + 1]) - low
-            accumulator.add(int(step.computed[place]), snapshots, start, end, ready)
-
-    def _snapshot(self, layers: set[int], low: int, high: int) -> tuple[dict[int, Tensor], Any]:
-        """Copy rows ``low:high`` of these layers' capture buffers to host memory.
-
-        On CUDA the copies go into pinned memory without blocking, ordered on
-        the stream before the next step overwrites the buffers; the returned
-        event says when they have landed. A synchronous copy would stall
-        vLLM's overlap of CPU work with the GPU (it halved throughput in a probe).
-        """
-        some = self.layers[next(iter(layers))].captured
-        if not some.is_cuda:
-            return {layer: self.layers[layer].captured[low:high].clone() for layer in layers}, None
-        snapshots = {}
-        for layer in layers:
-            snapshots[layer] = torch.empty((high - low, some.shape[1]), dtype=some.dtype, pin_memory=True)
-            snapshots[layer].copy_(self.layers[layer].captured[low:high], non_blocking=True)
-        ready = torch.cuda.Event()
-        ready.record()
-        return snapshots, ready
+        """Record the rows of capturing requests (see ``workbench.capture_store``)."""
+        batch = self._batch
+        if self.records_captures and batch.capturing:
+            captured = {layer: self.layers[layer].captured for layer in batch.capture_layers}
+            self.captures.record(batch, batch.payloads, batch.capturing, self._step, captured)
+        self.captures.tick()
 
     # RPC bodies
 
@@ -309,10 +269,9 @@ class SteeringRuntime:
         if not 1 <= slot <= self.num_slots:
             raise ValueError(f"slot {slot} outside 1..{self.num_slots}")
         layers = decode_spec(payload)
-        some = next(iter(self.layers.values())).add_vectors
         vectors = [op["vector"] for ops in layers.values() for op in ops.values()]
-        staged = torch.stack(vectors).to(some.dtype) if vectors else None
-        if staged is not None and some.is_cuda:
+        staged = torch.stack(vectors).to(self.vector_dtype) if vectors else None
+        if staged is not None and self.device.type == "cuda":
             staged = staged.pin_memory()
         # Layers the slot's previous spec used go back to neutral; the others already are.
         touched = (set(layers) | set(self._slot_use.get(slot, {}))) & set(self.layers)
@@ -328,46 +287,14 @@ class SteeringRuntime:
             for index, ops in layers.items()
         }
 
-    def fetch(self, capture_ids: list[str], directory: str | None) -> dict[str, Any]:
-        """Hand over and forget these captures (a step already dispatched may
-        still carry their requests, hence the same grace as ``release``).
-
-        All rows go into one ``[rows, hidden]`` tensor handed over as
-        ``workbench.transfer`` describes (a file in the client's ``directory``
-        when this worker sees it). Returns ``{"index": {"<capture_id>/<layer>":
-        [first_row, rows]}, "errors": {capture_id: why}, ...transfer fields}``;
-        ids this worker never saw are absent.
-        """
-        errors: dict[str, str] = {}
-        found: list[tuple[str, CaptureAccumulator]] = []
-        for capture_id in capture_ids:
-            accumulator = self._captures.pop(capture_id, None)
-            self._released[capture_id] = RELEASE_GRACE_STEPS
-            if accumulator is None:
-                continue
-            if accumulator.gap is not None:
-                errors[capture_id] = accumulator.gap
-                continue
-            found.append((capture_id, accumulator))
-        some = next(iter(self.layers.values())).captured
-        total = sum(accumulator.num_rows * len(accumulator.layers) for _, accumulator in found)
-        out = RowsOut(directory, total, some.shape[1], some.dtype)
-        index: dict[str, list[int]] = {}
-        first = 0
-        for capture_id, accumulator in found:
-            for layer in accumulator.layers:
-                accumulator.assemble_into(layer, out.rows[first : first + accumulator.num_rows])
-                index[f"{capture_id}/{layer}"] = [first, accumulator.num_rows]
-                first += accumulator.num_rows
-        return {"errors": errors, "index": index, **out.reply()}
+    def fetch(self, capture_ids: list[str]) -> dict[str, Any]:
+        return self.captures.fetch(capture_ids)
 
     def release(self, capture_ids: list[str]) -> None:
-        for capture_id in capture_ids:
-            self._captures.pop(capture_id, None)
-            self._released[capture_id] = RELEASE_GRACE_STEPS
+        self.captures.release(capture_ids)
 
     def stats(self) -> dict[str, int]:
-        return {"captures": len(self._captures), "released": len(self._released)}
+        return self.captures.stats()
 
 
 def install_steering(model: nn.Module, vllm_config: Any) -> SteeringRuntime:
@@ -443,8 +370,8 @@ class WorkbenchWorkerExtension:
     def workbench_load_slot(self, slot: int, payload: dict[str, Any]) -> None:
         self._workbench_runtime().load_slot(slot, payload)
 
-    def workbench_fetch_captures(self, capture_ids: list[str], directory: str | None) -> dict[str, Any]:
-        return self._workbench_runtime().fetch(capture_ids, directory)
+    def workbench_fetch_captures(self, capture_ids: list[str]) -> dict[str, Any]:
+        return self._workbench_runtime().fetch(capture_ids)
 
     def workbench_release_captures(self, capture_ids: list[str]) -> None:
         self._workbench_runtime().release(capture_ids)

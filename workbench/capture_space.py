@@ -1,0 +1,162 @@
+"""Where a worker writes captured rows: one file per capture and layer, in
+shared memory, all mapped side by side in one reserved address range.
+
+Each capturing request gets, per captured layer, a file of
+``capacity x hidden`` rows (prompt + max_tokens - 1) in the client's hand-off
+folder under ``/dev/shm``. Rows are written into it as the steps run; at
+fetch time the client maps the file and unlinks it, so the rows are never
+copied after generation (assembling them at fetch cost ~0.3 s per 400 MB
+layer, most of it first-touch page faults, which now fall while the GPU
+runs). The files are sparse, so rows a request never reaches cost nothing.
+
+The worker maps every open file at a fixed place inside one reserved range
+of its address space, and ``RowSpace.rows`` views that whole range as one
+``[rows, hidden]`` tensor: the rows of all capturing requests of a step then
+land with one ``index_copy_`` per layer, where a Python loop over requests
+would cost a few microseconds per request, layer and step. Row 0 is a
+scratch row for rows nobody keeps.
+
+Linux only (``mmap`` with ``MAP_FIXED`` through libc: Python's ``mmap``
+module cannot place a mapping).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import math
+import mmap
+import os
+from bisect import insort
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+RESERVED_BYTES = 1 << 42
+"""Address space reserved for open capture files (4 TiB: virtual only, no
+memory is committed). A window per capture and layer is sized for the
+request's longest possible output, e.g. 1 GiB for 128k tokens x 4096 x bf16."""
+
+_PROT_NONE = 0
+_MAP_FIXED = 0x10
+_MAP_NORESERVE = 0x4000
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+class RowSpaceError(RuntimeError):
+    """The worker could not map capture rows (address space or shared memory exhausted)."""
+
+
+def _mmap(address: int | None, length: int, prot: int, flags: int, fd: int = -1) -> int:
+    result = _libc.mmap(address, length, prot, flags, fd, 0)
+    if result == _MAP_FAILED or (address is not None and result != address):
+        errno = ctypes.get_errno()
+        raise RowSpaceError(f"mmap of {length} bytes failed: {os.strerror(errno)}")
+    return result
+
+
+def _reserve(address: int | None, length: int) -> int:
+    """Map ``length`` bytes of inaccessible, uncommitted address space."""
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE | (_MAP_FIXED if address is not None else 0)
+    return _mmap(address, length, _PROT_NONE, flags)
+
+
+class FreeRanges:
+    """First-fit allocator of ``[start, start + length)`` ranges of units, merging freed neighbours."""
+
+    def __init__(self, start: int, length: int) -> None:
+        self._free: list[tuple[int, int]] = [(start, length)]
+
+    def take(self, length: int) -> int | None:
+        for place, (start, size) in enumerate(self._free):
+            if size >= length:
+                if size == length:
+                    del self._free[place]
+                else:
+                    self._free[place] = (start + length, size - length)
+                return start
+        return None
+
+    def give(self, start: int, length: int) -> None:
+        insort(self._free, (start, length))
+        merged: list[tuple[int, int]] = []
+        for begin, size in self._free:
+            if merged and merged[-1][0] + merged[-1][1] == begin:
+                merged[-1] = (merged[-1][0], merged[-1][1] + size)
+            else:
+                merged.append((begin, size))
+        self._free = merged
+
+
+@dataclass(frozen=True)
+class Window:
+    """One open capture file and where its rows sit in ``RowSpace.rows``."""
+
+    path: Path
+    first_row: int
+    capacity: int
+    units: int
+
+
+class RowSpace:
+    """The reserved range, its ``[rows, hidden]`` tensor view, and the open windows."""
+
+    def __init__(self, hidden: int, dtype: torch.dtype, reserved_bytes: int = RESERVED_BYTES) -> None:
+        self.hidden = hidden
+        self.dtype = dtype
+        self.row_bytes = hidden * dtype.itemsize
+        # Windows start on page boundaries (mmap) that are also row boundaries.
+        self.unit_bytes = math.lcm(mmap.PAGESIZE, self.row_bytes)
+        self.rows_per_unit = self.unit_bytes // self.row_bytes
+        units = reserved_bytes // self.unit_bytes
+        self._base = _reserve(None, units * self.unit_bytes)
+        buffer = (ctypes.c_char * (units * self.unit_bytes)).from_address(self._base)
+        self.rows: Tensor = torch.frombuffer(buffer, dtype=dtype).view(-1, hidden)
+        # Unit 0 is ordinary memory holding the scratch row.
+        _mmap(
+            self._base,
+            self.unit_bytes,
+            mmap.PROT_READ | mmap.PROT_WRITE,
+            mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED,
+        )
+        self.scratch_row = 0
+        self._free = FreeRanges(1, units - 1)
+
+    def open(self, path: Path, capacity: int) -> Window:
+        """Create ``path`` sized for ``capacity`` rows and map it into the range."""
+        units = max(1, -(-capacity // self.rows_per_unit))
+        start = self._free.take(units)
+        if start is None:
+            raise RowSpaceError(
+                f"no address space left for a {capacity}-row capture ({units * self.unit_bytes} bytes); "
+                "fetch or close captures, or capture fewer requests at once"
+            )
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, capacity * self.row_bytes)
+            address = self._base + start * self.unit_bytes
+            _mmap(address, units * self.unit_bytes, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED | _MAP_FIXED, fd)
+        except BaseException:
+            self._free.give(start, units)
+            path.unlink(missing_ok=True)
+            raise
+        finally:
+            os.close(fd)
+        return Window(path, start * self.rows_per_unit, capacity, units)
+
+    def close(self, window: Window, unlink: bool) -> None:
+        """Unmap ``window`` (its range becomes reserved again); delete its file if ``unlink``."""
+        start = window.first_row // self.rows_per_unit
+        _reserve(self._base + start * self.unit_bytes, window.units * self.unit_bytes)
+        self._free.give(start, window.units)
+        if unlink:
+            window.path.unlink(missing_ok=True)
+
+    def view(self, window: Window, rows: int) -> Tensor:
+        """The first ``rows`` rows of ``window``."""
+        return self.rows[window.first_row : window.first_row + rows]
