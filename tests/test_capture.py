@@ -148,7 +148,8 @@ def test_free_ranges_never_overlap_and_merge_back(operations):
 
 def test_threaded_writer_writes_in_order_and_reports_errors():
     """The helper thread the CUDA path uses (there it waits for each step's copy event first)."""
-    target = torch.zeros(8, HIDDEN)
+    with torch.inference_mode():  # as in the worker, where vLLM's step runs in inference mode
+        target = torch.zeros(8, HIDDEN)
     writer = RowWriter(target, threaded=True)
     for step in range(20):
         writer.submit(None, [(rows_at([step, step]), torch.tensor([step % 4, 4 + step % 4]))])

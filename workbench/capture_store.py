@@ -70,8 +70,11 @@ class RowWriter:
             self._raise_error()
 
     def _write(self, pairs: list[tuple[Tensor, Tensor]]) -> None:
-        for rows, destinations in pairs:
-            self.target.index_copy_(0, destinations, rows)
+        # The worker creates these tensors under vLLM's inference mode, which is
+        # per thread: the helper thread must enter it to update them in place.
+        with torch.inference_mode():
+            for rows, destinations in pairs:
+                self.target.index_copy_(0, destinations, rows)
 
     def _run(self) -> None:
         assert self._queue is not None
