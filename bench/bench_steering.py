@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import platform
+import re
 import statistics
 import time
 from collections.abc import Awaitable, Callable
@@ -207,8 +208,12 @@ async def main(args: argparse.Namespace) -> None:
         "capture 1 layer (all tokens, rows verified)": lambda: run_steered(prompts, SteeringSpec(), [middle]),
         "capture 4 layers": lambda: run_steered(prompts, SteeringSpec(), eight[:4]),
         "batch-1 decode, plain": lambda: run_plain(prompts[:1]),
+        **({"batch-1 decode, plain V1 runner": lambda: run_plain(prompts[:1], plain_v1)} if plain_v1 else {}),
         "batch-1 decode, add on all layers": lambda: run_steered(prompts[:1], global_add),
     }
+    if args.only:
+        keep = re.compile(args.only)
+        configs = {name: run for name, run in configs.items() if "plain" in name or keep.search(name)}
     # Warm-up: every path once (loads slots, compiles any remaining shapes).
     for run in configs.values():
         await run()
@@ -266,6 +271,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--rounds", type=int, help="override the preset's rounds (5 on the GPU)")
+    parser.add_argument("--only", help="run only configurations matching this regex (plain vLLM always runs)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument(
         "--eager", dest="eager", action="store_true", default=None, help="enforce_eager=True for both engines"

@@ -5,6 +5,7 @@ CaptureHandle's rules."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 
 from workbench import CaptureError, CaptureHandle, HandleReleasedError
 from workbench.capture_space import FreeRanges, RowSpace
-from workbench.capture_store import CaptureStore, RowWriter
+from workbench.capture_store import CaptureStore, HostLanes
 from workbench.transfer import read_reply
 from workbench.worker import request_payload
 
@@ -38,8 +39,8 @@ def rows_at(positions: list[int], tag: float = 0.0) -> torch.Tensor:
 class Recorder:
     """Feeds a CaptureStore steps of a batch the way the worker's step hook does."""
 
-    def __init__(self, payloads: list[dict | None]) -> None:
-        self.store = CaptureStore(HIDDEN, torch.float32, torch.device("cpu"))
+    def __init__(self, payloads: list[dict | None], threads: int = 0) -> None:
+        self.store = CaptureStore(HIDDEN, torch.float32, torch.device("cpu"), threads)
         self.payloads = payloads
         self.capturing = [place for place, payload in enumerate(payloads) if payload and "capture_id" in payload]
         self.key = object()
@@ -64,8 +65,9 @@ def payload(capture_id: str, folder: Path | None, layers=(3,), capacity: int = 1
     return request_payload(1, capture_id, layers, capacity, str(folder) if folder else None)
 
 
-def test_rows_of_interleaved_requests_land_in_their_files(tmp_path):
-    recorder = Recorder([payload("a", tmp_path, (3, 5)), None, payload("b", tmp_path)])
+@pytest.mark.parametrize("threads", [0, 2], ids=["in place", "helper threads"])
+def test_rows_of_interleaved_requests_land_in_their_files(tmp_path, threads):
+    recorder = Recorder([payload("a", tmp_path, (3, 5)), None, payload("b", tmp_path)], threads)
     recorder.step([(0, 4), (0, 2), (0, 3)], layers=(3, 5))  # prefill
     for position in range(4):
         recorder.step([(4 + position, 1), (2 + position, 1), (3 + position, 1)], layers=(3, 5))
@@ -75,6 +77,7 @@ def test_rows_of_interleaved_requests_land_in_their_files(tmp_path):
     assert torch.equal(rows["a/3"], rows_at(list(range(8))) + 300_000)
     assert torch.equal(rows["a/5"], rows_at(list(range(8))) + 500_000)
     assert torch.equal(rows["b/3"], rows_at(list(range(7)), 2000.0) + 300_000)
+    recorder.store._lanes.drain()  # windows are unmapped after the reply
     assert not any(tmp_path.iterdir())  # the client unlinked the files it mapped
     assert recorder.store.stats() == {"captures": 0, "released": 2}
 
@@ -146,20 +149,21 @@ def test_free_ranges_never_overlap_and_merge_back(operations):
     assert free.take(200) == 0
 
 
-def test_threaded_writer_writes_in_order_and_reports_errors():
-    """The helper thread the CUDA path uses (there it waits for each step's copy event first)."""
+def test_helper_lanes_run_jobs_in_order_and_report_errors():
+    """The helper threads the CUDA path uses (there each job first waits for its step's copy event)."""
     with torch.inference_mode():  # as in the worker, where vLLM's step runs in inference mode
         target = torch.zeros(8, HIDDEN)
-    writer = RowWriter(target, threaded=True)
+    lanes = HostLanes(threads=2)
     for step in range(20):
-        writer.submit(None, [(rows_at([step, step]), torch.tensor([step % 4, 4 + step % 4]))])
-    writer.drain()
+        rows, destinations = rows_at([step, step]), torch.tensor([step % 4, 4 + step % 4])
+        lanes.submit(step % 4, None, partial(target.index_copy_, 0, destinations, rows))
+    lanes.drain()
     assert torch.equal(target[:4], rows_at([16, 17, 18, 19]))
-    writer.submit(None, [(rows_at([0]), torch.tensor([99]))])
+    lanes.submit(0, None, partial(target.index_copy_, 0, torch.tensor([99]), rows_at([0])))
     with pytest.raises(RuntimeError, match="writing captured rows failed"):
-        writer.drain()
-    writer.submit(None, [(rows_at([5]), torch.tensor([0]))])  # still usable afterwards
-    writer.drain()
+        lanes.drain()
+    lanes.submit(1, None, partial(target.index_copy_, 0, torch.tensor([0]), rows_at([5])))  # still usable afterwards
+    lanes.drain()
     assert torch.equal(target[0], rows_at([5])[0])
 
 

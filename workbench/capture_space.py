@@ -27,6 +27,7 @@ import ctypes.util
 import math
 import mmap
 import os
+import threading
 from bisect import insort
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,11 +127,14 @@ class RowSpace:
         )
         self.scratch_row = 0
         self._free = FreeRanges(1, units - 1)
+        self._lock = threading.Lock()
+        """Windows are opened on the model's thread and may be closed on a helper thread."""
 
     def open(self, path: Path, capacity: int) -> Window:
         """Create ``path`` sized for ``capacity`` rows and map it into the range."""
         units = max(1, -(-capacity // self.rows_per_unit))
-        start = self._free.take(units)
+        with self._lock:
+            start = self._free.take(units)
         if start is None:
             raise RowSpaceError(
                 f"no address space left for a {capacity}-row capture ({units * self.unit_bytes} bytes); "
@@ -142,7 +146,8 @@ class RowSpace:
             address = self._base + start * self.unit_bytes
             _mmap(address, units * self.unit_bytes, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED | _MAP_FIXED, fd)
         except BaseException:
-            self._free.give(start, units)
+            with self._lock:
+                self._free.give(start, units)
             path.unlink(missing_ok=True)
             raise
         finally:
@@ -153,7 +158,8 @@ class RowSpace:
         """Unmap ``window`` (its range becomes reserved again); delete its file if ``unlink``."""
         start = window.first_row // self.rows_per_unit
         _reserve(self._base + start * self.unit_bytes, window.units * self.unit_bytes)
-        self._free.give(start, window.units)
+        with self._lock:
+            self._free.give(start, window.units)
         if unlink:
             window.path.unlink(missing_ok=True)
 

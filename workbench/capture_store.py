@@ -4,7 +4,7 @@ which capture, and writing them into the captures' files.
 After every step, ``CaptureStore.record`` works out, with a few numpy
 operations over the step's rows, where each captured row goes in
 ``RowSpace.rows`` (its capture's file at its position; scratch for rows
-nobody keeps), and hands the rows to a ``RowWriter``. Positions make
+nobody keeps), and hands the rows to ``HostLanes``. Positions make
 recomputation (vLLM re-running a preempted request) overwrite the same rows;
 a request that jumps past rows it never computed is reported at fetch.
 
@@ -22,7 +22,9 @@ import logging
 import queue
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,56 +41,58 @@ logger = logging.getLogger(__name__)
 RELEASE_GRACE_STEPS = 4
 """Steps a fetched or released capture stays blocked, covering steps dispatched before the RPC arrived."""
 
-MAX_QUEUED_STEPS = 8
-"""Steps of rows the helper thread may lag behind before the model's thread waits for it."""
+MAX_QUEUED_JOBS = 64
+"""Jobs a helper thread may lag behind before the model's thread waits for it."""
+
+WRITER_THREADS = 4
+"""Helper threads on CUDA: fresh shared memory costs a page fault per 4 KiB
+written, so one thread manages ~1-2 GB/s; captured layers are spread over
+the threads (a layer always goes to the same one, keeping its writes in order)."""
 
 
-class RowWriter:
-    """Writes ``(rows, destination indices)`` pairs into ``target`` with
-    ``index_copy_``: on a helper thread after ``ready`` (a CUDA event) when
-    ``threaded``, else at once."""
+class HostLanes:
+    """Runs host-side jobs in order per lane: on helper threads, each job after
+    its ``ready`` event (a CUDA event) has completed, or at once when there are
+    no threads (CPU, where the rows must be written before the next step
+    reuses the buffers)."""
 
-    def __init__(self, target: Tensor, threaded: bool) -> None:
-        self.target = target
-        self._queue: queue.Queue[tuple[Any, list[tuple[Tensor, Tensor]]]] | None = None
+    def __init__(self, threads: int) -> None:
+        self._queues: list[queue.Queue[tuple[Any, Callable[[], None]]]] = []
         self._error: BaseException | None = None
-        if threaded:
-            self._queue = queue.Queue(maxsize=MAX_QUEUED_STEPS)
-            threading.Thread(target=self._run, name="workbench-row-writer", daemon=True).start()
+        for lane in range(threads):
+            jobs: queue.Queue[tuple[Any, Callable[[], None]]] = queue.Queue(maxsize=MAX_QUEUED_JOBS)
+            self._queues.append(jobs)
+            threading.Thread(target=self._run, args=(jobs,), name=f"workbench-rows-{lane}", daemon=True).start()
 
-    def submit(self, ready: Any, pairs: list[tuple[Tensor, Tensor]]) -> None:
-        if self._queue is None:
-            self._write(pairs)
+    def submit(self, key: int, ready: Any, job: Callable[[], None]) -> None:
+        """Run ``job`` after the earlier jobs of the same ``key``."""
+        if not self._queues:
+            job()
             return
         self._raise_error()
-        self._queue.put((ready, pairs))
+        self._queues[key % len(self._queues)].put((ready, job))
 
     def drain(self) -> None:
-        """Return once every submitted row is in place."""
-        if self._queue is not None:
-            self._queue.join()
-            self._raise_error()
+        """Return once every submitted job has run."""
+        for jobs in self._queues:
+            jobs.join()
+        self._raise_error()
 
-    def _write(self, pairs: list[tuple[Tensor, Tensor]]) -> None:
-        # The worker creates these tensors under vLLM's inference mode, which is
-        # per thread: the helper thread must enter it to update them in place.
+    def _run(self, jobs: queue.Queue[tuple[Any, Callable[[], None]]]) -> None:
+        # vLLM runs the worker under inference mode, which is per thread; its
+        # tensors can only be updated in place inside it.
         with torch.inference_mode():
-            for rows, destinations in pairs:
-                self.target.index_copy_(0, destinations, rows)
-
-    def _run(self) -> None:
-        assert self._queue is not None
-        while True:
-            ready, pairs = self._queue.get()
-            try:
-                if ready is not None:
-                    ready.synchronize()
-                self._write(pairs)
-            except BaseException as error:  # reported on the model's thread
-                logger.exception("writing captured rows failed")
-                self._error = error
-            finally:
-                self._queue.task_done()
+            while True:
+                ready, job = jobs.get()
+                try:
+                    if ready is not None:
+                        ready.synchronize()
+                    job()
+                except BaseException as error:  # reported on the model's thread
+                    logger.exception("a capture job failed")
+                    self._error = error
+                finally:
+                    jobs.task_done()
 
     def _raise_error(self) -> None:
         if self._error is not None:
@@ -125,12 +129,13 @@ class _BatchPlan:
 class CaptureStore:
     """Captures in progress on the worker that records them (TP rank 0)."""
 
-    def __init__(self, hidden: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, hidden: int, dtype: torch.dtype, device: torch.device, threads: int | None = None) -> None:
         self.hidden = hidden
         self.dtype = dtype
         self.device = device
         self._space: RowSpace | None = None
-        self._writer: RowWriter | None = None
+        self._lanes = HostLanes(threads if threads is not None else WRITER_THREADS if device.type == "cuda" else 0)
+        """Helper threads writing rows (CUDA); none on CPU, where they must be in place before the next step."""
         self._private: tempfile.TemporaryDirectory[str] | None = None
         """Files of clients this worker cannot see (another host) go here, and travel inline."""
         self._records: dict[str, CaptureRecord] = {}
@@ -146,7 +151,6 @@ class CaptureStore:
     def space(self) -> RowSpace:
         if self._space is None:
             self._space = RowSpace(self.hidden, self.dtype)
-            self._writer = RowWriter(self._space.rows, threaded=self.device.type == "cuda")
         return self._space
 
     # -- recording -----------------------------------------------------------
@@ -179,17 +183,18 @@ class CaptureStore:
         position = step.computed[row_place] + np.arange(low, high) - starts[row_place]
         kept = position < plan.capacity[row_place]
 
-        pairs = []
+        pairs = {}
         for layer, first_rows in plan.first_rows.items():
             first = first_rows[row_place]
             destinations = np.where(kept & (first >= 0), first + position, self.space.scratch_row)
-            pairs.append((buffers[layer][low:high], torch.from_numpy(destinations)))
+            pairs[layer] = (buffers[layer][low:high], torch.from_numpy(destinations))
         self._book(plan, step.computed[plan.places], counts[plan.places])
         ready = None
         if self.device.type == "cuda":
             pairs, ready = _stage_on_host(pairs)
-        assert self._writer is not None
-        self._writer.submit(ready, pairs)
+        rows = self.space.rows
+        for layer, (source, destinations) in pairs.items():
+            self._lanes.submit(layer, ready, partial(rows.index_copy_, 0, destinations, source))
 
     def _book(self, plan: _BatchPlan, first: np.ndarray, count: np.ndarray) -> None:
         """Update rows held; a chunk starting past them, or past a file's end, leaves rows missing."""
@@ -276,6 +281,7 @@ class CaptureStore:
         "data": safetensors bytes of "<id>/<layer>" rows (captures whose files
         the client cannot see), "dtype": ...}``; ids never seen are absent.
         """
+        self._lanes.drain()
         files: dict[str, list[Any]] = {}
         inline: dict[str, Tensor] = {}
         errors: dict[str, str] = {}
@@ -285,15 +291,12 @@ class CaptureStore:
             if missing >= 0:
                 errors[capture_id] = f"rows from {missing} on were never recorded (vLLM skipped or exceeded them)"
             for layer, window in record.windows.items():
-                key = f"{capture_id}/{layer}"
-                if missing >= 0:
-                    self.space.close(window, unlink=True)
-                elif record.inline:
-                    inline[key] = self.space.view(window, rows).clone()
-                    self.space.close(window, unlink=True)
-                else:
-                    files[key] = [str(window.path), rows]
-                    self.space.close(window, unlink=False)
+                handed_over = missing < 0 and not record.inline
+                if handed_over:
+                    files[f"{capture_id}/{layer}"] = [str(window.path), rows]
+                elif missing < 0:
+                    inline[f"{capture_id}/{layer}"] = self.space.view(window, rows).clone()
+                self._close(layer, window, unlink=not handed_over)
         reply: dict[str, Any] = {"files": files, "errors": errors, "dtype": str(self.dtype).removeprefix("torch.")}
         if inline:
             reply["data"] = save_tensors(inline)
@@ -301,13 +304,17 @@ class CaptureStore:
 
     def release(self, capture_ids: list[str]) -> None:
         for _, record in self._take(capture_ids, {}):
-            for window in record.windows.values():
-                self.space.close(window, unlink=True)
+            for layer, window in record.windows.items():
+                self._close(layer, window, unlink=True)
+
+    def _close(self, layer: int, window: Window, unlink: bool) -> None:
+        """Unmap a window once the writes queued for it are done. Unmapping
+        hundreds of MB of touched pages takes ~25 ms per 400 MB, so on CUDA a
+        helper thread does it after the reply has gone."""
+        self._lanes.submit(layer, None, partial(self.space.close, window, unlink))
 
     def _take(self, capture_ids: list[str], errors: dict[str, str]) -> list[tuple[str, CaptureRecord]]:
-        """Remove these captures from the store (blocked for a grace period), once their rows are written."""
-        if self._writer is not None:
-            self._writer.drain()
+        """Remove these captures from the store (blocked for a grace period)."""
         taken = []
         for capture_id in capture_ids:
             self._released[capture_id] = RELEASE_GRACE_STEPS
@@ -325,13 +332,14 @@ class CaptureStore:
         return {"captures": len(self._records) + len(self._failed), "released": len(self._released)}
 
 
-def _stage_on_host(pairs: list[tuple[Tensor, Tensor]]) -> tuple[list[tuple[Tensor, Tensor]], Any]:
-    """Copy each pair's device rows into pinned host memory without blocking;
+def _stage_on_host(pairs: dict[int, tuple[Tensor, Tensor]]) -> tuple[dict[int, tuple[Tensor, Tensor]], Any]:
+    """Copy each layer's device rows into pinned host memory without blocking;
     the returned event says when they have landed."""
-    first = pairs[0][0]
-    staged = torch.empty((len(pairs), *first.shape), dtype=first.dtype, pin_memory=True)
-    for place, (rows, _) in enumerate(pairs):
-        staged[place].copy_(rows, non_blocking=True)
+    staged = {}
+    for layer, (rows, destinations) in pairs.items():
+        host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+        host.copy_(rows, non_blocking=True)
+        staged[layer] = (host, destinations)
     ready = torch.cuda.Event()
     ready.record()
-    return [(staged[place], destinations) for place, (_, destinations) in enumerate(pairs)], ready
+    return staged, ready
