@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import platform
+import random
 import re
 import statistics
 import time
@@ -153,8 +154,13 @@ async def main(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     plain = plain_engine()
     plain_startup = time.perf_counter() - start
+
+    def wanted(name: str) -> bool:
+        """Configurations ``--only`` keeps, with the plain references they are compared to."""
+        return not args.only or name in ("plain vLLM", "batch-1 decode, plain") or bool(re.search(args.only, name))
+
     plain_v1 = None
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and wanted("plain vLLM, V1 runner"):
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
         plain_v1 = plain_engine()
     start = time.perf_counter()
@@ -211,16 +217,21 @@ async def main(args: argparse.Namespace) -> None:
         **({"batch-1 decode, plain V1 runner": lambda: run_plain(prompts[:1], plain_v1)} if plain_v1 else {}),
         "batch-1 decode, add on all layers": lambda: run_steered(prompts[:1], global_add),
     }
-    if args.only:
-        keep = re.compile(args.only)
-        configs = {name: run for name, run in configs.items() if "plain" in name or keep.search(name)}
+    configs = {name: run for name, run in configs.items() if wanted(name)}
     # Warm-up: every path once (loads slots, compiles any remaining shapes).
     for run in configs.values():
         await run()
     samples: dict[str, list[float]] = {name: [] for name in configs}
+    # Plain vLLM opens every round; the rest run in a fresh order each round, so
+    # no configuration always follows the same one (a position effect showed up
+    # with a fixed order: the first steered configuration after the plain engines
+    # measured below configurations doing more work).
+    order = random.Random(0)
+    first, *rest = configs
     for round_index in range(preset.rounds):
-        for name, run in configs.items():
-            samples[name].append(await timed(run))
+        order.shuffle(rest)
+        for name in [first, *rest]:
+            samples[name].append(await timed(configs[name]))
         logger.info("round %d/%d done", round_index + 1, preset.rounds)
     model.close()
     plain.shutdown()
@@ -247,7 +258,9 @@ async def main(args: argparse.Namespace) -> None:
             "enforce_eager": enforce_eager,
         },
         "versions": {"vllm": vllm.__version__, "torch": torch.__version__, "python": platform.python_version()},
-        "plain_runner": "V2 (CUDA default); 'plain vLLM, V1 runner' uses V1 like workbench" if plain_v1 else "V1",
+        "plain_runner": "V2 (CUDA default); 'plain vLLM, V1 runner' uses V1 like workbench"
+        if torch.cuda.is_available()
+        else "V1",
         "startup_s": {"plain vLLM": round(plain_startup, 1), "workbench": round(steered_startup, 1)},
         "tok_per_s": {name: [round(v, 1) for v in values] for name, values in samples.items()},
         "median_tok_per_s": {name: round(v, 1) for name, v in medians.items()},
@@ -271,7 +284,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--rounds", type=int, help="override the preset's rounds (5 on the GPU)")
-    parser.add_argument("--only", help="run only configurations matching this regex (plain vLLM always runs)")
+    parser.add_argument(
+        "--only", help="run only configurations matching this regex (and the plain vLLM they are compared to)"
+    )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument(
         "--eager", dest="eager", action="store_true", default=None, help="enforce_eager=True for both engines"

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from workbench import ops
-from workbench.layer import SteeredDecoderLayer, StepPlan
+from workbench.layer import SteeredDecoderLayer, SteeringTables, StepPlan
 
 
 class PassThrough(nn.Module):
@@ -79,10 +79,8 @@ def main() -> None:
     max_tokens = max(args.tokens)
     slot_index = torch.randint(0, args.slots + 1, (max_tokens,), device=device)
     phases = ops.row_phases(torch.rand(max_tokens, 1, device=device) > 0.5)
-    layer = SteeredDecoderLayer(
-        PassThrough(), 0, StepPlan(eager=False), args.slots, slot_index, phases, max_tokens,
-        args.hidden, dtype, device,
-    )  # fmt: skip
+    tables = SteeringTables.create(1, args.slots, args.hidden, dtype, device)
+    layer = SteeredDecoderLayer(PassThrough(), 0, StepPlan(eager=False), tables, 0, slot_index, phases, max_tokens)
     for name in ("add_vectors", "cap_directions", "ablation_directions"):
         getattr(layer, name).normal_()
     results = []

@@ -40,7 +40,7 @@ class Recorder:
     """Feeds a CaptureStore steps of a batch the way the worker's step hook does."""
 
     def __init__(self, payloads: list[dict | None], threads: int = 0) -> None:
-        self.store = CaptureStore(HIDDEN, torch.float32, torch.device("cpu"), threads)
+        self.store = CaptureStore(frozenset(range(8)), HIDDEN, torch.float32, torch.device("cpu"), threads)
         self.payloads = payloads
         self.capturing = [place for place, payload in enumerate(payloads) if payload and "capture_id" in payload]
         self.key = object()
@@ -80,6 +80,13 @@ def test_rows_of_interleaved_requests_land_in_their_files(tmp_path, threads):
     recorder.store._lanes.drain()  # windows are unmapped after the reply
     assert not any(tmp_path.iterdir())  # the client unlinked the files it mapped
     assert recorder.store.stats() == {"captures": 0, "released": 2}
+
+
+def test_a_pipeline_stage_records_only_its_own_layers(tmp_path):
+    recorder = Recorder([payload("a", tmp_path, (3, 12))])  # layer 12 lives on another stage
+    recorder.step([(0, 3)], layers=(3,))
+    rows, reply = recorder.fetch(["a"])
+    assert set(rows) == {"a/3"} and reply["errors"] == {}
 
 
 def test_recomputed_rows_replace_what_they_overlap(tmp_path):

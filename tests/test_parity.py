@@ -130,6 +130,27 @@ async def test_per_request_specs_in_one_batch(model):
     assert len(set(batch)) == 3
 
 
+async def test_new_specs_of_one_batch_load_in_one_worker_call(model, monkeypatch):
+    prompt = "Write a short poem about the sea."
+    generator = torch.Generator().manual_seed(5)
+    specs = [
+        SteeringSpec({layer: LayerSteeringSpec(add=AddSpec(torch.randn(576, generator=generator), scale=8.0))})
+        for layer in (2, 6, 11, 17, 23)
+    ]
+    calls = []
+    rpc = model._rpc
+
+    async def counting_rpc(method, *args):
+        calls.append(method)
+        return await rpc(method, *args)
+
+    monkeypatch.setattr(model, "_rpc", counting_rpc)
+    batch = await model.generate([prompt] * len(specs), GREEDY, steering_spec=specs)
+    assert calls.count("workbench_load_slots") == 1
+    monkeypatch.undo()
+    assert batch == [(await model.generate(prompt, GREEDY, steering_spec=spec))[0] for spec in specs]
+
+
 async def test_prefix_cache_never_serves_other_steering(model, hf):
     # The long prompt spans several KV blocks; run it unsteered first so they are cached.
     await model.generate(LONG_PROMPT, GREEDY, steering_spec=SteeringSpec())

@@ -129,7 +129,16 @@ class _BatchPlan:
 class CaptureStore:
     """Captures in progress on the worker that records them (TP rank 0)."""
 
-    def __init__(self, hidden: int, dtype: torch.dtype, device: torch.device, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        layers: frozenset[int],
+        hidden: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        threads: int | None = None,
+    ) -> None:
+        self.layers = layers
+        """The layers this worker holds (a pipeline stage records only its own)."""
         self.hidden = hidden
         self.dtype = dtype
         self.device = device
@@ -243,7 +252,7 @@ class CaptureStore:
         assert folder is not None
         windows: dict[int, Window] = {}
         try:
-            for layer in payload["layers"]:
+            for layer in (layer for layer in payload["layers"] if layer in self.layers):
                 windows[layer] = self.space.open(folder / f"{capture_id}-{layer}.rows", payload["capacity"])
         except OSError as error:  # RowSpaceError included
             for window in windows.values():

@@ -173,6 +173,7 @@ class VLLMSteerModel:
         self._setup_lock = asyncio.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending_releases: set[str] = set()
+        self._pending_loads: list[tuple[int, dict[str, Any], asyncio.Future[None]]] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._handoff = transfer.make_folder()
         self._handoff_folder: str | None = self._handoff.name
@@ -440,7 +441,37 @@ class VLLMSteerModel:
         return min(prompt_tokens + (params.max_tokens or limit), limit) - 1
 
     async def _load_slot(self, slot: int, spec: SteeringSpec) -> None:
-        await self._rpc("workbench_load_slot", slot, encode_spec(spec))
+        """Load ``spec`` into ``slot`` in the workers. Loads asked for in the same
+        turn of the event loop (a batch of per-request specs) go in one worker
+        call: each call pauses the engine between two steps, and a request
+        starts only once its slot is loaded, so one call per spec made a
+        64-spec batch start request by request."""
+        future = asyncio.get_running_loop().create_future()
+        if not self._pending_loads:
+            self._track(asyncio.ensure_future(self._flush_loads()))
+        self._pending_loads.append((slot, encode_spec(spec), future))
+        await future
+
+    async def _flush_loads(self) -> None:
+        await asyncio.sleep(0)
+        loads, self._pending_loads = self._pending_loads, []
+        try:
+            await self._rpc("workbench_load_slots", [(slot, payload) for slot, payload, _ in loads])
+        except BaseException as error:
+            for *_, future in loads:
+                if not future.done():
+                    future.set_exception(error)
+            if not isinstance(error, Exception):
+                raise
+        else:
+            for *_, future in loads:
+                if not future.done():
+                    future.set_result(None)
+
+    def _track(self, task: asyncio.Task[Any]) -> None:
+        """Keep a reference to a background task until it finishes."""
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def sweep(
         self,
@@ -498,9 +529,7 @@ class VLLMSteerModel:
 
     def _queue_release(self, capture_id: str) -> None:
         if not self._pending_releases:
-            task = asyncio.ensure_future(self._flush_releases())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._track(asyncio.ensure_future(self._flush_releases()))
         self._pending_releases.add(capture_id)
 
     async def _flush_releases(self) -> None:

@@ -1,12 +1,13 @@
 """The decoder-layer wrapper that runs inside vLLM's forward pass.
 
 ``SteeredDecoderLayer`` wraps one vLLM decoder layer. Its steering parameters
-live in persistent per-layer tables with one row per steering *slot* (row 0
-is neutral: zero vectors, open bounds, scale 1), and a shared per-token slot
-index says which row each token of the flattened batch uses. The worker
-fills the tables between requests and the slot index before every step, both
-in place, so the same code serves eager mode, torch.compile and CUDA graphs:
-nothing here branches on data.
+live in persistent tables with one row per steering *slot* (row 0 is
+neutral: zero vectors, open bounds, scale 1), views of ``SteeringTables``
+which stacks every layer's, and a shared per-token slot index says which row
+each token of the flattened batch uses. The worker fills the tables between
+steps and the slot index before every step, both in place, so the same code
+serves eager mode, torch.compile and CUDA graphs: nothing here branches on
+data.
 
 After the ops, the layer's residual stream is written to a persistent
 capture buffer; the worker copies the step's rows out after the step.
@@ -56,6 +57,86 @@ FULL_USE = LayerUse(add=True, cap=True, ablation=True, targeted=True)
 NO_USE = LayerUse()
 
 
+@dataclass(frozen=True)
+class SteeringTables:
+    """Every local layer's steering tables, stacked as ``[layers, num_slots + 1, ...]``.
+
+    Each ``SteeredDecoderLayer`` holds views of its own layer. Slot loads are
+    written for all layers and slots at once, one indexed write per table:
+    written row by row they took about ten small copies per layer and slot,
+    thousands when a batch brings 64 new specs.
+    """
+
+    add_vectors: Tensor
+    cap_directions: Tensor
+    cap_min: Tensor
+    cap_max: Tensor
+    ablation_directions: Tensor
+    ablation_scales: Tensor
+    op_targets: Tensor
+
+    @classmethod
+    def create(
+        cls, layers: int, num_slots: int, hidden: int, dtype: torch.dtype, device: torch.device
+    ) -> SteeringTables:
+        """All rows neutral: zero vectors, open cap bounds, ablation scale 1, no position targets."""
+        shape = (layers, num_slots + 1)
+        host = _neutral_rows(shape, hidden, dtype)
+        return cls(**{name: rows.to(device) for name, rows in host.items()})
+
+    def of_layer(self, place: int) -> dict[str, Tensor]:
+        return {name: table[place] for name, table in vars(self).items()}
+
+    @torch.no_grad()
+    def write(self, places: list[int], slots: list[int], entries: list[dict[str, Any] | None]) -> None:
+        """Set row ``slots[i]`` of layer ``places[i]`` from ``entries[i]`` (one layer
+        of ``worker.decode_spec``; None makes it neutral). On CUDA the rows go
+        through pinned memory without blocking, on the current stream."""
+        device = self.add_vectors.device
+        host = _neutral_rows((len(entries),), self.add_vectors.shape[-1], self.add_vectors.dtype)
+        for row, params in enumerate(entries):
+            for column, name in enumerate(OPS):
+                if params and name in params:
+                    _fill_row(host, row, column, name, params[name])
+        host["places"] = torch.tensor(places)
+        host["slots"] = torch.tensor(slots)
+        if device.type == "cuda":
+            host = {name: rows.pin_memory() for name, rows in host.items()}
+        rows = {name: tensor.to(device, non_blocking=True) for name, tensor in host.items()}
+        index = (rows.pop("places"), rows.pop("slots"))
+        for name, values in rows.items():
+            getattr(self, name).index_put_(index, values)
+
+
+OPS = ("add", "projection_cap", "ablation")
+"""Op names in a decoded spec, in the column order of ``op_targets``."""
+
+
+def _neutral_rows(shape: tuple[int, ...], hidden: int, dtype: torch.dtype) -> dict[str, Tensor]:
+    return {
+        "add_vectors": torch.zeros(*shape, hidden, dtype=dtype),
+        "cap_directions": torch.zeros(*shape, hidden, dtype=dtype),
+        "cap_min": torch.full((*shape, 1), -torch.inf, dtype=dtype),
+        "cap_max": torch.full((*shape, 1), torch.inf, dtype=dtype),
+        "ablation_directions": torch.zeros(*shape, hidden, dtype=dtype),
+        "ablation_scales": torch.ones(*shape, 1, dtype=dtype),
+        "op_targets": torch.zeros(*shape, 3, dtype=torch.int8),
+    }
+
+
+def _fill_row(host: dict[str, Tensor], row: int, column: int, name: str, op: dict[str, Any]) -> None:
+    if name == "add":
+        host["add_vectors"][row] = op["vector"]
+    elif name == "projection_cap":
+        host["cap_directions"][row] = op["vector"]
+        host["cap_min"][row] = -torch.inf if op["min"] is None else op["min"]
+        host["cap_max"][row] = torch.inf if op["max"] is None else op["max"]
+    else:
+        host["ablation_directions"][row] = op["vector"]
+        host["ablation_scales"][row] = op["scale"]
+    host["op_targets"][row, column] = ops.TARGET_CODES[op["positions"]]
+
+
 class SteeredDecoderLayer(nn.Module):
     """A decoder layer followed by the steering ops and a capture write.
 
@@ -71,30 +152,23 @@ class SteeredDecoderLayer(nn.Module):
         inner: nn.Module,
         index: int,
         plan: StepPlan,
-        num_slots: int,
+        tables: SteeringTables,
+        place: int,
         slot_index: Tensor,
         row_phases: Tensor,
         max_tokens: int,
-        hidden_size: int,
-        dtype: torch.dtype,
-        device: torch.device,
     ) -> None:
         super().__init__()
         self.inner = inner
         self.index = index
         self.plan = plan
-        rows = num_slots + 1
-        kw: dict[str, Any] = {"dtype": dtype, "device": device}
-        self.register_buffer("add_vectors", torch.zeros(rows, hidden_size, **kw), persistent=False)
-        self.register_buffer("cap_directions", torch.zeros(rows, hidden_size, **kw), persistent=False)
-        self.register_buffer("cap_min", torch.full((rows, 1), -torch.inf, **kw), persistent=False)
-        self.register_buffer("cap_max", torch.full((rows, 1), torch.inf, **kw), persistent=False)
-        self.register_buffer("ablation_directions", torch.zeros(rows, hidden_size, **kw), persistent=False)
-        self.register_buffer("ablation_scales", torch.ones(rows, 1, **kw), persistent=False)
-        self.register_buffer("op_targets", torch.zeros(rows, 3, dtype=torch.int8, device=device), persistent=False)
+        for name, table in tables.of_layer(place).items():
+            self.register_buffer(name, table, persistent=False)
         self.register_buffer("slot_index", slot_index, persistent=False)
         self.register_buffer("row_phases", row_phases, persistent=False)
-        self.register_buffer("captured", torch.zeros(max_tokens, hidden_size, **kw), persistent=False)
+        hidden = tables.add_vectors.shape[-1]
+        kw: dict[str, Any] = {"dtype": tables.add_vectors.dtype, "device": tables.add_vectors.device}
+        self.register_buffer("captured", torch.zeros(max_tokens, hidden, **kw), persistent=False)
 
     def forward(
         self, positions: Tensor, hidden_states: Tensor, residual: Tensor | None, *args: Any, **kwargs: Any
@@ -133,28 +207,3 @@ class SteeredDecoderLayer(nn.Module):
             # `steered` (no copy kernel of its own), and CUDA graphs replay it.
             self.captured[:rows].copy_(steered)
         return steered, torch.zeros_like(residual)
-
-    @torch.no_grad()
-    def write_slot(self, slot: int, params: dict[str, Any] | None) -> None:
-        """Set table row ``slot`` from one layer of ``worker.decode_spec``; ``None`` makes it neutral."""
-        params = params or {}
-        add = params.get("add")
-        cap = params.get("projection_cap")
-        ablation = params.get("ablation")
-        self.add_vectors[slot] = 0.0 if add is None else add["vector"].to(self.add_vectors)
-        if cap is None:
-            self.cap_directions[slot] = 0.0
-            self.cap_min[slot] = -torch.inf
-            self.cap_max[slot] = torch.inf
-        else:
-            self.cap_directions[slot] = cap["vector"].to(self.cap_directions)
-            self.cap_min[slot] = -torch.inf if cap["min"] is None else cap["min"]
-            self.cap_max[slot] = torch.inf if cap["max"] is None else cap["max"]
-        if ablation is None:
-            self.ablation_directions[slot] = 0.0
-            self.ablation_scales[slot] = 1.0
-        else:
-            self.ablation_directions[slot] = ablation["vector"].to(self.ablation_directions)
-            self.ablation_scales[slot] = ablation["scale"]
-        for column, op in enumerate((add, cap, ablation)):
-            self.op_targets[slot, column] = ops.TARGET_CODES[op["positions"]] if op else 0

@@ -8,7 +8,7 @@ torch.compile traces the model and CUDA graphs are captured).
 
 The client then talks to ``WorkbenchWorkerExtension`` through
 ``collective_rpc``: ``workbench_setup`` installs the per-step hook,
-``workbench_load_slot`` writes a spec into a slot of the tables, and
+``workbench_load_slots`` stages specs for slots of the tables, and
 ``workbench_fetch_captures`` / ``workbench_release_captures`` hand over or
 drop captured rows. Each request names its slot and capture in
 ``SamplingParams.extra_args["workbench"]`` (see ``request_payload``).
@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from workbench import _vllm_internals as vi
 from workbench.capture_store import CaptureStore
-from workbench.layer import LayerUse, SteeredDecoderLayer, StepPlan
+from workbench.layer import LayerUse, SteeredDecoderLayer, SteeringTables, StepPlan
 from workbench.model_layers import decoder_layer_list
 from workbench.ops import TARGET_CODES as PHASE
 from workbench.specs import SteeringSpec
@@ -165,12 +165,16 @@ class SteeringRuntime:
     def __init__(
         self,
         layers: dict[int, SteeredDecoderLayer],
+        tables: SteeringTables,
         slot_index: Tensor,
         row_phases: Tensor,
         plan: StepPlan,
         num_slots: int,
     ) -> None:
         self.layers = layers
+        self.tables = tables
+        self._places = {index: place for place, index in enumerate(layers)}
+        """Layer index -> its place in the stacked tables."""
         self.slot_index = StepInputBuffer(slot_index)
         self.row_phases = StepInputBuffer(row_phases)
         self.plan = plan
@@ -181,18 +185,15 @@ class SteeringRuntime:
         """Steps mostly repeat the same set of slots: their per-layer union, cached."""
         self.records_captures = True
         self.hooked = False
-        some = next(iter(layers.values()))
-        self.device = some.add_vectors.device
-        self.vector_dtype = some.add_vectors.dtype
-        """Where and in what dtype the layers' tables hold vectors."""
-        self.captures = CaptureStore(some.captured.shape[1], some.captured.dtype, some.captured.device)
+        vectors = tables.add_vectors
+        self.captures = CaptureStore(frozenset(layers), vectors.shape[-1], vectors.dtype, vectors.device)
         self._step: vi.StepRows | None = None
         self._batch = _BatchPayloads((), [], np.zeros(0, dtype=np.int64), [], frozenset())
         self._written_slots = np.zeros(slot_index.shape[0], dtype=np.int64)
         self._written_phases = np.zeros(row_phases.shape[0], dtype=np.int8)
         """What the device's slot index and phase buffers hold (their leading rows)."""
-        self._pending_slots: dict[int, tuple[dict[int, dict[str, Any]], Tensor | None, set[int]]] = {}
-        """Slot -> (decoded spec, its vectors stacked on the host, layers to write), written by the next step."""
+        self._pending_slots: dict[int, tuple[dict[int, dict[str, Any]], set[int]]] = {}
+        """Slot -> (decoded spec, layers to write), written by the next step."""
 
     # step hooks (called around every forward by the model runner)
 
@@ -228,14 +229,13 @@ class SteeringRuntime:
             self.plan.capture_layers = batch.capture_layers
 
     def _write_pending_slots(self) -> None:
-        for slot, (layers, staged, touched) in self._pending_slots.items():
-            if staged is not None:
-                rows = iter(staged.to(self.device, non_blocking=True))
-                for ops in layers.values():
-                    for op in ops.values():
-                        op["vector"] = next(rows)
+        places, slots, entries = [], [], []
+        for slot, (layers, touched) in self._pending_slots.items():
             for index in touched:
-                self.layers[index].write_slot(slot, layers.get(index))
+                places.append(self._places[index])
+                slots.append(slot)
+                entries.append(layers.get(index))
+        self.tables.write(places, slots, entries)
         self._pending_slots.clear()
 
     def _layer_use(self, slots: frozenset[int]) -> dict[int, LayerUse]:
@@ -252,7 +252,7 @@ class SteeringRuntime:
         """Record the rows of capturing requests (see ``workbench.capture_store``)."""
         batch = self._batch
         if self.records_captures and batch.capturing:
-            captured = {layer: self.layers[layer].captured for layer in batch.capture_layers}
+            captured = {layer: self.layers[layer].captured for layer in batch.capture_layers & self.layers.keys()}
             self.captures.record(batch, batch.payloads, batch.capturing, self._step, captured)
         self.captures.tick()
 
@@ -269,13 +269,10 @@ class SteeringRuntime:
         if not 1 <= slot <= self.num_slots:
             raise ValueError(f"slot {slot} outside 1..{self.num_slots}")
         layers = decode_spec(payload)
-        vectors = [op["vector"] for ops in layers.values() for op in ops.values()]
-        staged = torch.stack(vectors).to(self.vector_dtype) if vectors else None
-        if staged is not None and self.device.type == "cuda":
-            staged = staged.pin_memory()
         # Layers the slot's previous spec used go back to neutral; the others already are.
-        touched = (set(layers) | set(self._slot_use.get(slot, {}))) & set(self.layers)
-        self._pending_slots[slot] = (layers, staged, touched)
+        _, pending = self._pending_slots.get(slot, ({}, set()))
+        touched = (set(layers) | set(self._slot_use.get(slot, {})) | pending) & set(self.layers)
+        self._pending_slots[slot] = (layers, touched)
         self._layer_use_cache.clear()
         self._slot_use[slot] = {
             index: LayerUse(
@@ -309,16 +306,14 @@ def install_steering(model: nn.Module, vllm_config: Any) -> SteeringRuntime:
     slot_index = torch.zeros(max_tokens, dtype=torch.long, device=device)
     row_phases = torch.zeros(max_tokens, 1, dtype=torch.int8, device=device)
     plan = StepPlan(eager=vi.runs_python_every_step(vllm_config))
+    local = [index for index, layer in enumerate(layer_list) if not vi.is_missing_layer(layer)]
+    tables = SteeringTables.create(len(local), num_slots, hidden_size, dtype, device)
     steered: dict[int, SteeredDecoderLayer] = {}
-    for index, layer in enumerate(layer_list):
-        if vi.is_missing_layer(layer):
-            continue
-        wrapper = SteeredDecoderLayer(
-            layer, index, plan, num_slots, slot_index, row_phases, max_tokens, hidden_size, dtype, device
-        )
+    for place, index in enumerate(local):
+        wrapper = SteeredDecoderLayer(layer_list[index], index, plan, tables, place, slot_index, row_phases, max_tokens)
         layer_list[index] = wrapper
         steered[index] = wrapper
-    runtime = SteeringRuntime(steered, slot_index, row_phases, plan, num_slots)
+    runtime = SteeringRuntime(steered, tables, slot_index, row_phases, plan, num_slots)
     model.workbench_runtime = runtime
     logger.info(
         "workbench: steering installed on %d layers, %d slots, %s mode",
@@ -367,8 +362,10 @@ class WorkbenchWorkerExtension:
             runtime.hooked = True
         return {"layers": sorted(runtime.layers), "num_slots": runtime.num_slots}
 
-    def workbench_load_slot(self, slot: int, payload: dict[str, Any]) -> None:
-        self._workbench_runtime().load_slot(slot, payload)
+    def workbench_load_slots(self, loads: list[tuple[int, dict[str, Any]]]) -> None:
+        runtime = self._workbench_runtime()
+        for slot, payload in loads:
+            runtime.load_slot(slot, payload)
 
     def workbench_fetch_captures(self, capture_ids: list[str]) -> dict[str, Any]:
         return self._workbench_runtime().fetch(capture_ids)
