@@ -4,6 +4,7 @@ CaptureHandle's rules."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -15,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from workbench import CaptureError, CaptureHandle, HandleReleasedError
-from workbench.capture_space import FreeRanges, RowSpace
+from workbench.capture_space import FreeRanges, RowSpace, RowSpaceError
 from workbench.capture_store import CaptureStore, HostLanes
 from workbench.transfer import read_reply
 from workbench.worker import request_payload
@@ -136,6 +137,16 @@ def test_row_space_reuses_closed_windows(tmp_path):
     assert torch.equal(torch.from_file(str(tmp_path / "1.rows"), size=100 * HIDDEN), torch.full((100 * HIDDEN,), 7.0))
     again = space.open(tmp_path / "again.rows", 100)
     assert again.first_row == windows[1].first_row
+
+
+def test_a_capture_that_might_not_fit_in_shared_memory_is_refused(tmp_path):
+    space = RowSpace(HIDDEN, torch.float32)
+    stats = os.statvfs(tmp_path)
+    too_many = stats.f_bavail * stats.f_frsize // space.row_bytes + 1
+    with pytest.raises(RowSpaceError, match="MiB free"):
+        space.open(tmp_path / "big.rows", too_many)
+    assert not any(tmp_path.iterdir())
+    space.open(tmp_path / "small.rows", 10)  # the space still works
 
 
 @given(st.lists(st.tuples(st.booleans(), st.integers(1, 20)), max_size=60))

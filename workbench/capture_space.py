@@ -49,7 +49,7 @@ _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 
-class RowSpaceError(RuntimeError):
+class RowSpaceError(OSError):
     """The worker could not map capture rows (address space or shared memory exhausted)."""
 
 
@@ -129,10 +129,23 @@ class RowSpace:
         self._free = FreeRanges(1, units - 1)
         self._lock = threading.Lock()
         """Windows are opened on the model's thread and may be closed on a helper thread."""
+        self._open_bytes = 0
+        """What the open windows may still grow to (their full size: an upper bound)."""
 
     def open(self, path: Path, capacity: int) -> Window:
         """Create ``path`` sized for ``capacity`` rows and map it into the range."""
         units = max(1, -(-capacity // self.rows_per_unit))
+        size = capacity * self.row_bytes
+        # Writing past the end of a full tmpfs kills the process (SIGBUS), so a
+        # capture that might not fit is refused here, where it is an error.
+        stats = os.statvfs(path.parent)
+        free = stats.f_bavail * stats.f_frsize
+        if free < self._open_bytes + size:
+            raise RowSpaceError(
+                f"{path.parent} has {free >> 20} MiB free, but the captures in flight may need "
+                f"{(self._open_bytes + size) >> 20} MiB; fetch or close captures, lower max_tokens, "
+                "or give the machine more shared memory (e.g. docker --shm-size)"
+            )
         with self._lock:
             start = self._free.take(units)
         if start is None:
@@ -152,6 +165,8 @@ class RowSpace:
             raise
         finally:
             os.close(fd)
+        with self._lock:
+            self._open_bytes += size
         return Window(path, start * self.rows_per_unit, capacity, units)
 
     def close(self, window: Window, unlink: bool) -> None:
@@ -160,6 +175,7 @@ class RowSpace:
         _reserve(self._base + start * self.unit_bytes, window.units * self.unit_bytes)
         with self._lock:
             self._free.give(start, window.units)
+            self._open_bytes -= window.capacity * self.row_bytes
         if unlink:
             window.path.unlink(missing_ok=True)
 

@@ -182,7 +182,7 @@ class CaptureStore:
         plan = self._plan
         if plan is None or plan.key is not key:
             plan = self._plan = self._make_plan(key, payloads, capturing)
-        if not plan.places.size:
+        if not plan.first_rows:  # nobody records, or only layers of other pipeline stages
             return
         starts = step.starts
         counts = np.diff(starts)
