@@ -8,16 +8,19 @@ synchronisation calls on the host, time inside workbench's step hooks
 total time differs most from plain vLLM's. Equal kernel time with lower
 throughput means the cost is on the host side.
 
-    python bench/profile_steps.py [gpu|cpu]     # traces under /tmp/workbench-profile
+    python bench/profile_steps.py [gpu|cpu]                          # traces under /tmp/workbench-profile
+    python bench/profile_steps.py gpu --requests 1 --max-tokens 128  # batch-1 decode
+
+Both engines use vLLM's V1 model runner and no prefix caching, as in the benchmark.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import gzip
 import json
 import os
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -63,10 +66,16 @@ async def main() -> None:
     from workbench import SteeringSpec, VLLMSteeringConfig, VLLMSteerModel
     from workbench.embedded import resolve_model_name
 
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("preset", nargs="?", choices=sorted(PRESETS), default="gpu")
+    parser.add_argument("--requests", type=int, help="requests per run (default: the preset's)")
+    parser.add_argument("--max-tokens", type=int, default=32, help="generated tokens per request")
+    args = parser.parse_args()
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
-    preset = PRESETS[sys.argv[1] if len(sys.argv) > 1 else "gpu"]
-    prompts = [[100 + (i * 7 + j) % 30000 for j in range(preset.prompt_tokens)] for i in range(preset.requests)]
-    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    preset = PRESETS[args.preset]
+    requests = args.requests or preset.requests
+    prompts = [[100 + (i * 7 + j) % 30000 for j in range(preset.prompt_tokens)] for i in range(requests)]
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
 
     def profiler(name: str) -> ProfilerConfig:
         return ProfilerConfig(profiler="torch", torch_profiler_dir=str(OUT / name), torch_profiler_with_stack=False)
@@ -76,6 +85,7 @@ async def main() -> None:
         "max_model_len": preset.max_model_len,
         "gpu_memory_utilization": preset.gpu_memory_utilization,
         "skip_tokenizer_init": True,
+        "enable_prefix_caching": False,
     }
     results = {}
 
@@ -109,9 +119,13 @@ async def main() -> None:
     await profiled("plain", plain, OUT / "plain", run_plain)
     plain.shutdown()
 
-    settings = {key: value for key, value in common.items() if key != "skip_tokenizer_init"}
+    engine_only = ("skip_tokenizer_init", "enable_prefix_caching")
+    settings = {key: value for key, value in common.items() if key not in engine_only}
     cfg = VLLMSteeringConfig(
-        model_name=preset.model, load_format=preset.load_format, engine_kwargs={"skip_tokenizer_init": True}, **settings
+        model_name=preset.model,
+        load_format=preset.load_format,
+        engine_kwargs={key: common[key] for key in engine_only},
+        **settings,
     )
     model = VLLMSteerModel(cfg, profiler_config=profiler("workbench"))
     add_all = random_spec(list(range(model.layer_count)), model.hidden_size, seed=1)
