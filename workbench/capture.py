@@ -1,66 +1,21 @@
-"""Captured activations as data.
+"""Captured activations as the caller sees them.
 
-``CaptureAccumulator`` collects one request's rows inside a worker, step by
-step (prefill chunks, then one row per decode step). ``CaptureHandle`` is what
-the caller holds: the request's identity and token ids, and after
+``CaptureHandle`` is what ``generate``/``chat`` return per capturing request:
+the request's identity and token ids, and after
 ``VLLMSteerModel.fetch_captures_batch`` its tensors. A handle releases its
-data when closed or garbage-collected, fetched or not.
+data when closed or garbage-collected, fetched or not. (The worker side, which
+records the rows, is ``workbench.capture_store``.)
 """
 
 from __future__ import annotations
 
-import logging
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
-import torch
 from torch import Tensor
 
 from workbench.errors import CaptureError, HandleReleasedError
-
-logger = logging.getLogger(__name__)
-
-
-class CaptureAccumulator:
-    """Rows of one request at some layers, kept in sequence order.
-
-    Each step adds one chunk: the step's host snapshot of every captured
-    layer (shared by all requests of the step) and this request's row range
-    in it, so recording costs one tuple per request and step; rows are
-    copied out only in ``assemble_into``. A chunk starting before the
-    positions already held (vLLM recomputing a preempted request) replaces
-    what it overlaps; one starting after them marks a gap, which the fetch
-    reports.
-    """
-
-    def __init__(self, layers: tuple[int, ...]) -> None:
-        self.layers = layers
-        self._chunks: list[tuple[int, int, int, dict[int, Tensor]]] = []  # (position, start, end, snapshots)
-        self.num_rows = 0
-        self.gap: str | None = None
-        self._ready: Any = None
-        """Event of the last snapshot's device-to-host copy (None on CPU)."""
-
-    def add(self, first_position: int, snapshots: dict[int, Tensor], start: int, end: int, ready: Any = None) -> None:
-        if first_position < self.num_rows:
-            while self._chunks and self._chunks[-1][0] >= first_position:
-                self._chunks.pop()
-            if self._chunks:
-                position, old_start, _, old = self._chunks[-1]
-                self._chunks[-1] = (position, old_start, old_start + first_position - position, old)
-        elif first_position > self.num_rows and self.gap is None:
-            self.gap = f"rows {self.num_rows}..{first_position - 1} were never computed"
-        self._chunks.append((first_position, start, end, snapshots))
-        self.num_rows = first_position + end - start
-        self._ready = ready
-
-    def assemble_into(self, layer: int, out: Tensor) -> None:
-        """Write this request's ``[num_rows, hidden]`` rows of ``layer`` into ``out``."""
-        if self._ready is not None:
-            self._ready.synchronize()
-        torch.cat([snapshots[layer][start:end] for _, start, end, snapshots in self._chunks], out=out)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ raised in callbacks are shown in the panel's status line.
 from __future__ import annotations
 
 import html
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,8 +26,6 @@ from workbench.notebook.session import FIGURE_FORMATS, Session, export_figure, l
 from workbench.specs import AblationSpec, AddSpec, LayerSteeringSpec, ProjectionCapSpec, SteeringSpec
 from workbench.tables import captures_frame
 from workbench.vector_library import VectorLibrary
-
-logger = logging.getLogger(__name__)
 
 OPS = ("add", "cap", "ablate")
 
