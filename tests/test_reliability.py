@@ -95,6 +95,16 @@ async def test_bad_input_raises_typed_errors_and_the_engine_keeps_serving(model,
     assert await model.generate(PROMPTS[0], greedy(6)) == before
 
 
+async def test_a_bad_handle_in_a_fetch_does_not_cost_the_good_ones_their_rows(model):
+    _, handles = await model.generate([PROMPTS[0], PROMPTS[1]], greedy(3), capture_layers=[5])
+    foreign = CaptureHandle(request_id="r", capture_id="not-a-capture", layer_indices=(5,), prompt_token_ids=(1,))
+    with pytest.raises(HandleReleasedError, match="not-a-capture"):
+        await model.fetch_captures_batch([handles[0], foreign, handles[1]])
+    assert all(handle.hidden(5).shape[0] == handle.expected_rows for handle in handles)
+    left = [path.name for path in Path(model._handoff_folder).iterdir()]
+    assert not [name for name in left if name.startswith((handles[0].capture_id, handles[1].capture_id))]
+
+
 async def test_captures_come_back_inline_when_the_worker_cannot_see_the_shared_folder(model):
     """A worker on another host cannot see the client's /dev/shm folder: rows come back in the RPC reply."""
     _, shared = await model.generate(PROMPTS[0], greedy(4), capture_layers=[2, 9])

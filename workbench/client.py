@@ -493,7 +493,13 @@ class VLLMSteerModel:
     # -- captures ------------------------------------------------------------
 
     async def fetch_captures_batch(self, handles: Sequence[CaptureHandle]) -> None:
-        """Fetch the captured rows of these handles from the workers in one RPC."""
+        """Fetch the captured rows of these handles from the workers in one RPC.
+
+        Every handle that comes back whole gets its rows; then
+        ``HandleReleasedError`` names the handles the engine does not know
+        (already fetched elsewhere, released, another model) and
+        ``CaptureError`` those whose rows are incomplete.
+        """
         await self._ensure_ready()
         pending = [handle for handle in handles if not handle.is_fetched]
         for handle in pending:
@@ -503,22 +509,32 @@ class VLLMSteerModel:
             return
         replies = await self._rpc("workbench_fetch_captures", [handle.capture_id for handle in pending])
         layers: dict[str, dict[int, Tensor]] = {handle.capture_id: {} for handle in pending}
+        errors: dict[str, str] = {}
         for reply in replies:
-            rows = transfer.read_reply(reply, self._hidden_size)
-            for capture_id, error in reply["errors"].items():
-                raise CaptureError(f"capture {capture_id} is incomplete: {error}")
-            for key, tensor in rows.items():
+            for key, tensor in transfer.read_reply(reply, self._hidden_size).items():
                 capture_id, layer = key.split("/")
                 layers[capture_id][int(layer)] = tensor
+            errors.update(reply["errors"])
+        # Every handle that came back whole gets its rows, even when others did not.
+        incomplete, unknown = [], []
         for handle in pending:
             found = layers[handle.capture_id]
-            if not found:
-                raise HandleReleasedError(
+            if handle.capture_id in errors:
+                incomplete.append(f"capture {handle.capture_id} is incomplete: {errors[handle.capture_id]}")
+            elif not found:
+                unknown.append(
                     f"capture {handle.capture_id} is unknown to this engine: already fetched "
                     "elsewhere, released, or from another model"
                 )
-            expected = handle.expected_rows
-            handle._set_data({layer: rows[:expected] for layer, rows in found.items()})
+            else:
+                try:
+                    handle._set_data({layer: rows[: handle.expected_rows] for layer, rows in found.items()})
+                except CaptureError as error:
+                    incomplete.append(str(error))
+        if unknown:
+            raise HandleReleasedError("; ".join(unknown + incomplete))
+        if incomplete:
+            raise CaptureError("; ".join(incomplete))
 
     def _release_soon(self, capture_id: str) -> None:
         """Free a capture in the workers; safe to call from any thread or a finaliser."""
