@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from workbench import CaptureError, CaptureHandle, HandleReleasedError
 from workbench.capture_space import FreeRanges, RowSpace, RowSpaceError
-from workbench.capture_store import CaptureStore, HostLanes
+from workbench.capture_store import RELEASE_GRACE_STEPS, CaptureStore, HostLanes
 from workbench.transfer import read_reply
 from workbench.worker import request_payload
 
@@ -56,6 +56,7 @@ class Recorder:
         )
         buffers = {layer: buffer + 100_000 * layer for layer in layers}
         self.store.record(self.key, self.payloads, self.capturing, Step(starts, computed), buffers)
+        self.store.tick()
 
     def fetch(self, ids: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
         reply = self.store.fetch(ids)
@@ -117,6 +118,12 @@ def test_released_captures_delete_their_files_and_stay_blocked(tmp_path):
     assert not any(tmp_path.iterdir())
     recorder.step([(3, 1)])  # a step dispatched before the release arrived
     assert recorder.store.stats() == {"captures": 0, "released": 1}
+    for position in range(4, 4 + 2 * RELEASE_GRACE_STEPS):  # its request runs on (its abort is slow)...
+        recorder.step([(position, 1)])
+    recorder.key = object()  # ...into a new batch composition
+    recorder.step([(4 + 2 * RELEASE_GRACE_STEPS, 1)])
+    assert recorder.store.stats() == {"captures": 0, "released": 1}  # blocked while it runs
+    assert not any(tmp_path.iterdir())
     rows, _ = recorder.fetch(["a"])
     assert rows == {}
 

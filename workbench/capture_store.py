@@ -124,6 +124,8 @@ class _BatchPlan:
     """Rows each place's files hold (0 for places not recorded)."""
     first_rows: dict[int, np.ndarray]
     """Layer -> each place's file's first row in ``RowSpace.rows`` (-1: not captured there)."""
+    blocked: tuple[str, ...]
+    """Fetched or released captures whose requests are still running: blocked while they run."""
 
 
 class CaptureStore:
@@ -182,6 +184,8 @@ class CaptureStore:
         plan = self._plan
         if plan is None or plan.key is not key:
             plan = self._plan = self._make_plan(key, payloads, capturing)
+        for capture_id in plan.blocked:
+            self._released[capture_id] = RELEASE_GRACE_STEPS
         if not plan.first_rows:  # nobody records, or only layers of other pipeline stages
             return
         starts = step.starts
@@ -220,12 +224,15 @@ class CaptureStore:
         self._num_rows[indices] = np.minimum(end, capacity)
 
     def _make_plan(self, key: object, payloads: list[dict[str, Any] | None], capturing: list[int]) -> _BatchPlan:
-        places, indices = [], []
+        places, indices, blocked = [], [], []
         capacity = np.zeros(len(payloads), dtype=np.int64)
         first_rows: dict[int, np.ndarray] = {}
         for place in capturing:
             payload = payloads[place]
             assert payload is not None
+            if payload["capture_id"] in self._released:
+                blocked.append(payload["capture_id"])
+                continue
             record = self._records.get(payload["capture_id"]) or self._open(payload)
             if record is None:
                 continue
@@ -235,13 +242,18 @@ class CaptureStore:
             for layer, window in record.windows.items():
                 first_rows.setdefault(layer, np.full(len(payloads), -1, dtype=np.int64))[place] = window.first_row
         return _BatchPlan(
-            key, np.array(places, dtype=np.int64), np.array(indices, dtype=np.int64), capacity, first_rows
+            key,
+            np.array(places, dtype=np.int64),
+            np.array(indices, dtype=np.int64),
+            capacity,
+            first_rows,
+            tuple(blocked),
         )
 
     def _open(self, payload: dict[str, Any]) -> CaptureRecord | None:
-        """Open a capture's files (None if it was released, or cannot be opened: that is reported at fetch)."""
+        """Open a capture's files (None if they cannot be opened: that is reported at fetch)."""
         capture_id = payload["capture_id"]
-        if capture_id in self._released or capture_id in self._failed:
+        if capture_id in self._failed:
             return None
         folder = Path(payload["folder"]) if payload.get("folder") else None
         inline = folder is None or not folder.is_dir()
