@@ -9,7 +9,7 @@ total time differs most from plain vLLM's. Equal kernel time with lower
 throughput means the cost is on the host side.
 
     python bench/profile_steps.py [gpu|cpu]                          # traces under /tmp/workbench-profile
-    python bench/profile_steps.py gpu --requests 1 --max-tokens 128  # batch-1 decode
+    python bench/profile_steps.py gpu --requests 1 256 --max-tokens 64  # batch-1 and batch-256 decode
 
 Both engines use vLLM's V1 model runner and no prefix caching, as in the benchmark.
 """
@@ -31,31 +31,53 @@ from bench_steering import PRESETS, random_spec  # noqa: E402  (run from bench/ 
 OUT = Path("/tmp/workbench-profile")
 
 
-def summarise(traces: list[Path]) -> dict[str, Any]:
+def summarise(traces: list[Path], steps: int) -> dict[str, Any]:
+    """Totals over the traces, and per step where that is what compares across runs."""
     kernels: Counter[str] = Counter()
     counts: Counter[str] = Counter()
     syncs: Counter[str] = Counter()
+    runtime_calls: Counter[str] = Counter()
     annotations: Counter[str] = Counter()
+    first, last = float("inf"), 0.0
     for trace in traces:
         opener = gzip.open if trace.suffix == ".gz" else open
         with opener(trace, "rt") as handle:
             events = json.load(handle).get("traceEvents", [])
         for event in events:
             category, name, duration = event.get("cat", ""), event.get("name", ""), event.get("dur", 0)
-            if category == "kernel":
+            if category in ("kernel", "gpu_memcpy"):
                 kernels[name[:80]] += duration
                 counts[name[:80]] += 1
-            elif category == "cuda_runtime" and "Synchronize" in name:
-                syncs[name] += duration
+                first, last = min(first, event["ts"]), max(last, event["ts"] + duration)
+            elif category == "cuda_runtime":
+                runtime_calls[name] += 1
+                if "Synchronize" in name:
+                    syncs[name] += duration
             elif category == "user_annotation" and name.startswith("workbench."):
                 annotations[name] += duration
+    kernel_us = sum(kernels.values())
     return {
-        "kernel_ms": sum(kernels.values()) / 1000,
-        "kernel_count": sum(counts.values()),
+        "kernel_us_per_step": round(kernel_us / steps, 1),
+        "kernels_per_step": round(sum(counts.values()) / steps, 1),
+        "gpu_span_us_per_step": round((last - first) / steps, 1) if kernels else 0.0,
+        "gpu_busy": round(kernel_us / (last - first), 3) if kernels else 0.0,
         "sync_ms": {name: round(us / 1000, 2) for name, us in syncs.items()},
-        "workbench_hooks_ms": {name: round(us / 1000, 2) for name, us in annotations.items()},
+        "runtime_calls_per_step": {name: round(n / steps, 1) for name, n in runtime_calls.most_common(8)},
+        "workbench_hooks_us_per_step": {name: round(us / steps, 1) for name, us in annotations.items()},
         "kernels": kernels,
     }
+
+
+async def wait_for_traces(folder: Path, before: set[Path]) -> list[Path]:
+    """The trace files written since ``before``, once their sizes stop changing."""
+    sizes: dict[Path, int] = {}
+    for _ in range(120):
+        await asyncio.sleep(1)
+        now = {path: path.stat().st_size for path in set(folder.rglob("*.json*")) - before}
+        if now and now == sizes:
+            return sorted(now)
+        sizes = now
+    raise TimeoutError(f"no complete trace under {folder}")
 
 
 async def main() -> None:
@@ -68,13 +90,15 @@ async def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("preset", nargs="?", choices=sorted(PRESETS), default="gpu")
-    parser.add_argument("--requests", type=int, help="requests per run (default: the preset's)")
+    parser.add_argument("--requests", type=int, nargs="+", help="batch sizes, one workload each")
     parser.add_argument("--max-tokens", type=int, default=32, help="generated tokens per request")
     args = parser.parse_args()
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
     preset = PRESETS[args.preset]
-    requests = args.requests or preset.requests
-    prompts = [[100 + (i * 7 + j) % 30000 for j in range(preset.prompt_tokens)] for i in range(requests)]
+    workloads = {
+        count: [[100 + (i * 7 + j) % 30000 for j in range(preset.prompt_tokens)] for i in range(count)]
+        for count in args.requests or [preset.requests]
+    }
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
 
     def profiler(name: str) -> ProfilerConfig:
@@ -87,7 +111,7 @@ async def main() -> None:
         "skip_tokenizer_init": True,
         "enable_prefix_caching": False,
     }
-    results = {}
+    results: dict[str, dict[str, Any]] = {}
 
     async def profiled(name: str, engine: Any, folder: Path, run: Any) -> None:
         await run()  # warm-up
@@ -97,8 +121,9 @@ async def main() -> None:
         await run()
         seconds = time.perf_counter() - start
         await engine.stop_profile()
-        await asyncio.sleep(10)  # the workers write their traces
-        results[name] = {"wall_s": round(seconds, 3), **summarise(sorted(set(folder.rglob("*.json*")) - before))}
+        traces = await wait_for_traces(folder, before)
+        wall = {"wall_ms_per_step": round(seconds * 1000 / args.max_tokens, 3)}
+        results[name] = {**wall, **summarise(traces, args.max_tokens)}
 
     plain = AsyncLLM.from_engine_args(
         AsyncEngineArgs(
@@ -109,14 +134,15 @@ async def main() -> None:
         )
     )
 
-    async def run_plain() -> None:
+    def run_plain(prompts: list[list[int]]) -> Any:
         async def one(ids: list[int], i: int) -> None:
             async for _ in plain.generate({"prompt_token_ids": ids}, params, f"p{time.time_ns()}-{i}"):
                 pass
 
-        await asyncio.gather(*(one(ids, i) for i, ids in enumerate(prompts)))
+        return asyncio.gather(*(one(ids, i) for i, ids in enumerate(prompts)))
 
-    await profiled("plain", plain, OUT / "plain", run_plain)
+    for count, prompts in workloads.items():
+        await profiled(f"plain x{count}", plain, OUT / "plain", lambda prompts=prompts: run_plain(prompts))
     plain.shutdown()
 
     engine_only = ("skip_tokenizer_init", "enable_prefix_caching")
@@ -129,20 +155,37 @@ async def main() -> None:
     )
     model = VLLMSteerModel(cfg, profiler_config=profiler("workbench"))
     add_all = random_spec(list(range(model.layer_count)), model.hidden_size, seed=1)
-    for name, spec in (("loaded", SteeringSpec()), ("add-all", add_all)):
-        await profiled(
-            name, model.engine, OUT / "workbench", lambda spec=spec: model.generate(prompts, params, steering_spec=spec)
-        )
+
+    async def run_steered(prompts: list[list[int]], spec: Any, capture: list[int] | None) -> None:
+        result = await model.generate(prompts, params, capture_layers=capture, steering_spec=spec)
+        if capture is not None:
+            await model.fetch_captures_batch(result[1])
+            for handle in result[1]:
+                handle.close()
+
+    configurations = {
+        "loaded": (SteeringSpec(), None),
+        "add-all": (add_all, None),
+        "capture-4": (SteeringSpec(), [0, 4, 8, 12]),
+    }
+    for count, prompts in workloads.items():
+        for name, (spec, capture) in configurations.items():
+            await profiled(
+                f"{name} x{count}",
+                model.engine,
+                OUT / "workbench",
+                lambda spec=spec, capture=capture, prompts=prompts: run_steered(prompts, spec, capture),
+            )
     model.close()
 
-    reference = results["plain"]["kernels"]
+    kernels = {name: result.pop("kernels") for name, result in results.items()}
     for name, result in results.items():
-        kernels = result.pop("kernels")
         print(f"\n== {name}: {json.dumps(result)}")
-        if name != "plain":
-            diff = {k: (kernels.get(k, 0) - reference.get(k, 0)) / 1000 for k in set(kernels) | set(reference)}
-            for kernel, ms in sorted(diff.items(), key=lambda item: -abs(item[1]))[:12]:
-                print(f"  {ms:+9.2f} ms  {kernel}")
+        if not name.startswith("plain"):
+            mine, reference = kernels[name], kernels[f"plain x{name.split(' x')[1]}"]
+            diff = {k: (mine.get(k, 0) - reference.get(k, 0)) / args.max_tokens for k in set(mine) | set(reference)}
+            for kernel, us in sorted(diff.items(), key=lambda item: -abs(item[1]))[:12]:
+                print(f"  {us:+9.1f} us/step  {kernel}")
 
 
 if __name__ == "__main__":

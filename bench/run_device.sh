@@ -3,6 +3,7 @@
 #   bash bench/run_device.sh tests   # GPU tests (tests/test_gpu.py)
 #   bash bench/run_device.sh bench   # the GPU benchmark preset
 #   bash bench/run_device.sh layer   # per-layer cost of the steering path (bench/layer_cost.py)
+#   bash bench/run_device.sh profile --requests 1 256   # kernels per step, steered vs plain (bench/profile_steps.py)
 set -euo pipefail
 if [ ! -f /tmp/site/.workbench-extra ]; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/b/extra/whl/*.whl
@@ -16,5 +17,6 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 case "$1" in
   tests) python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py "${@:2}" ;;
   layer) python3 bench/layer_cost.py "${@:2}" ;;
+  profile) PYTHONPATH="$PWD/bench:$PYTHONPATH" python3 bench/profile_steps.py gpu "${@:2}" ;;
   bench) python3 bench/bench_steering.py --preset gpu "${@:2}" && mkdir -p "$OUT" && cp bench/results/*gpu*.json "$OUT"/ ;;
 esac

@@ -8,11 +8,11 @@ nobody keeps), and hands the rows to ``HostLanes``. Positions make
 recomputation (vLLM re-running a preempted request) overwrite the same rows;
 a request that jumps past rows it never computed is reported at fetch.
 
-On CUDA the step's rows are first copied to pinned host memory without
-blocking (a synchronous copy would stall vLLM's overlap of CPU work with
-the GPU) and a helper thread writes them into the files once the copy has
-landed, so the page faults of fresh shared memory never hold up the model's
-thread. On CPU the rows are written in place before the next step reuses
+On CUDA the step's rows are first copied to pinned host memory on a side
+stream (``HostStaging``; a synchronous copy would stall vLLM's overlap of
+CPU work with the GPU) and a helper thread writes them into the files once
+the copy has landed, so the page faults of fresh shared memory never hold
+up the model's thread. On CPU the rows are written in place before the next step reuses
 the buffers.
 """
 
@@ -157,6 +157,7 @@ class CaptureStore:
         """Per record: rows held, and the first row never recorded (-1: none)."""
         self._free_indices = list(range(63, -1, -1))
         self._plan: _BatchPlan | None = None
+        self._staging = HostStaging() if device.type == "cuda" else None
 
     @property
     def space(self) -> RowSpace:
@@ -203,8 +204,8 @@ class CaptureStore:
             pairs[layer] = (buffers[layer][low:high], torch.from_numpy(destinations))
         self._book(plan, step.computed[plan.places], counts[plan.places])
         ready = None
-        if self.device.type == "cuda":
-            pairs, ready = _stage_on_host(pairs)
+        if self._staging is not None:
+            pairs, ready = self._staging.stage(pairs)
         rows = self.space.rows
         for layer, (source, destinations) in pairs.items():
             self._lanes.submit(layer, ready, partial(rows.index_copy_, 0, destinations, source))
@@ -353,14 +354,28 @@ class CaptureStore:
         return {"captures": len(self._records) + len(self._failed), "released": len(self._released)}
 
 
-def _stage_on_host(pairs: dict[int, tuple[Tensor, Tensor]]) -> tuple[dict[int, tuple[Tensor, Tensor]], Any]:
-    """Copy each layer's device rows into pinned host memory without blocking;
-    the returned event says when they have landed."""
-    staged = {}
-    for layer, (rows, destinations) in pairs.items():
-        host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
-        host.copy_(rows, non_blocking=True)
-        staged[layer] = (host, destinations)
-    ready = torch.cuda.Event()
-    ready.record()
-    return staged, ready
+class HostStaging:
+    """Copies a step's captured rows to pinned host memory off the model's stream.
+
+    The rows are first gathered into one device tensor on the model's stream
+    (a few microseconds: the next step overwrites the capture buffers, so this
+    must happen in order), then copied to the host on a side stream, where the
+    copy overlaps the next forward instead of delaying it (8 MB per decode step
+    for 4 layers at 256 rows took ~0.3 ms of the model's stream).
+    """
+
+    def __init__(self) -> None:
+        self.stream = torch.cuda.Stream()
+
+    def stage(self, pairs: dict[int, tuple[Tensor, Tensor]]) -> tuple[dict[int, tuple[Tensor, Tensor]], Any]:
+        """Pinned host copies of each layer's rows, and an event that says when they have landed."""
+        gathered = torch.stack([rows for rows, _ in pairs.values()])
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            host = torch.empty(gathered.shape, dtype=gathered.dtype, pin_memory=True)
+            host.copy_(gathered, non_blocking=True)
+            gathered.record_stream(self.stream)  # keep its memory until the copy is done
+            ready = torch.cuda.Event()
+            ready.record(self.stream)
+        staged = {layer: (host[i], destinations) for i, (layer, (_, destinations)) in enumerate(pairs.items())}
+        return staged, ready

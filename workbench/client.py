@@ -56,7 +56,7 @@ ENGINE_POLL_S = 0.5
 CPU_KV_CACHE_BYTES = 2 << 30
 """KV cache of a CPU engine unless VLLM_CPU_KVCACHE_SPACE or kv_cache_memory_bytes says otherwise."""
 
-_RUNTIME_SOURCES = ("ops.py", "layer.py", "worker.py", "_vllm_internals.py")
+_RUNTIME_SOURCES = ("ops.py", "layer.py", "layer_op.py", "triton_steer.py", "worker.py", "_vllm_internals.py")
 
 
 def runtime_salt() -> str:

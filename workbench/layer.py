@@ -9,8 +9,9 @@ steps and the slot index before every step, both in place, so the same code
 serves eager mode, torch.compile and CUDA graphs: nothing here branches on
 data.
 
-After the ops, the layer's residual stream is written to a persistent
-capture buffer; the worker copies the step's rows out after the step.
+The ops and the write of the steered stream into a persistent capture buffer
+(the worker copies the step's rows out after the step) run as one operator,
+``workbench.layer_op``: a fused Triton kernel on CUDA, torch ops elsewhere.
 
 In eager mode (no torch.compile, no CUDA graphs) Python runs at every step,
 so a ``StepPlan`` written by the worker before each step lets a layer skip the
@@ -27,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from workbench import ops
+from workbench import layer_op, ops
 
 
 @dataclass
@@ -169,6 +170,7 @@ class SteeredDecoderLayer(nn.Module):
         hidden = tables.add_vectors.shape[-1]
         kw: dict[str, Any] = {"dtype": tables.add_vectors.dtype, "device": tables.add_vectors.device}
         self.register_buffer("captured", torch.zeros(max_tokens, hidden, **kw), persistent=False)
+        self._steer_rows = layer_op.steer_rows_for(self.captured.device)
 
     def forward(
         self, positions: Tensor, hidden_states: Tensor, residual: Tensor | None, *args: Any, **kwargs: Any
@@ -183,27 +185,21 @@ class SteeredDecoderLayer(nn.Module):
         return self._steer(out, residual, use or NO_USE, capture)
 
     def _steer(self, out: Tensor, residual: Tensor, use: LayerUse, capture: bool) -> tuple[Tensor, Tensor]:
-        stream = out + residual
-        rows = stream.shape[0]
-        slots = self.slot_index[:rows]
-        masks = ops.NO_MASKS
-        if use.targeted:
-            targets = self.op_targets[slots]
-            phases = self.row_phases[:rows]
-            masks = tuple(ops.position_mask(targets[:, i : i + 1], phases) for i in range(3))  # type: ignore[assignment]
-        steered = ops.apply_layer_ops(
-            stream,
-            add=self.add_vectors[slots] if use.add else None,
-            cap_direction=self.cap_directions[slots] if use.cap else None,
-            cap_min=self.cap_min[slots] if use.cap else None,
-            cap_max=self.cap_max[slots] if use.cap else None,
-            ablation_direction=self.ablation_directions[slots] if use.ablation else None,
-            ablation_scale=self.ablation_scales[slots] if use.ablation else 1.0,
-            masks=masks,
+        tables = (
+            self.slot_index,
+            self.row_phases,
+            self.add_vectors,
+            self.cap_directions,
+            self.cap_min,
+            self.cap_max,
+            self.ablation_directions,
+            self.ablation_scales,
+            self.op_targets,
+            self.captured,
         )
-        if capture:
-            # A plain in-place write into the persistent buffer: torch.compile
-            # turns it into an extra store of the kernel that computes
-            # `steered` (no copy kernel of its own), and CUDA graphs replay it.
-            self.captured[:rows].copy_(steered)
+        if self.plan.eager:
+            steered = self._steer_rows(out, residual, *tables, capture, **vars(use))
+        else:
+            # The custom op: one opaque call for torch.compile, writing the capture buffer in place.
+            steered = torch.ops.workbench.steer_rows(out, residual, *tables, capture)
         return steered, torch.zeros_like(residual)

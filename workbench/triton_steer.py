@@ -1,0 +1,134 @@
+"""The steering ops of one layer as one Triton kernel (CUDA).
+
+Implements ``workbench.ops.apply_layer_ops`` (add, projection cap, ablation,
+in that order, each limited to its positions) on rows of the flattened batch,
+each row with the tables of its slot, and writes the result to the output
+and, optionally, to the layer's capture buffer.
+
+Why a kernel of its own: left to torch.compile, the ops were fused with the
+next layer's RMSNorm into one looped reduction that read every row three
+times, 20 us per layer at batch 1 on an H200 (the plain norm takes 2 us) and
+~45 us at 256 rows, plus a separate copy into the capture buffer. Here one
+program holds a row in registers, takes the three dot products in one pass
+and writes twice.
+
+Numerics: the stream ``out + residual`` is rounded to the model's dtype as
+torch rounds it, the ops run in float32 and the result is rounded once.
+Neutral parameters (zero vectors, open bounds, scale 1) give back the
+rounded stream bit for bit, as the torch path does; an add alone equals the
+torch path's result bit for bit; cap and ablation differ from torch's
+op-by-op bf16 rounding by at most a rounding step.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+@triton.jit
+def _steer_rows_kernel(
+    out_ptr,
+    residual_ptr,
+    steered_ptr,
+    captured_ptr,
+    slot_ptr,
+    phase_ptr,
+    add_ptr,
+    cap_direction_ptr,
+    cap_min_ptr,
+    cap_max_ptr,
+    ablation_direction_ptr,
+    ablation_scale_ptr,
+    targets_ptr,
+    hidden,
+    out_stride,
+    residual_stride,
+    CAPTURE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    inside = cols < hidden
+    out = tl.load(out_ptr + row * out_stride + cols, mask=inside, other=0.0)
+    residual = tl.load(residual_ptr + row * residual_stride + cols, mask=inside, other=0.0)
+    stream = (out.to(tl.float32) + residual.to(tl.float32)).to(out.dtype).to(tl.float32)
+
+    slot = tl.load(slot_ptr + row)
+    phase = tl.load(phase_ptr + row).to(tl.int32)
+    table = slot * hidden + cols
+    add = tl.load(add_ptr + table, mask=inside, other=0.0).to(tl.float32)
+    cap_direction = tl.load(cap_direction_ptr + table, mask=inside, other=0.0).to(tl.float32)
+    ablation_direction = tl.load(ablation_direction_ptr + table, mask=inside, other=0.0).to(tl.float32)
+    cap_min = tl.load(cap_min_ptr + slot).to(tl.float32)
+    cap_max = tl.load(cap_max_ptr + slot).to(tl.float32)
+    scale = tl.load(ablation_scale_ptr + slot).to(tl.float32)
+    # Target codes (ops.TARGET_CODES): 0 = every row, else the row's phase must match.
+    add_target = tl.load(targets_ptr + slot * 3).to(tl.int32)
+    cap_target = tl.load(targets_ptr + slot * 3 + 1).to(tl.int32)
+    ablation_target = tl.load(targets_ptr + slot * 3 + 2).to(tl.int32)
+
+    hidden_after_add = stream + tl.where((add_target == 0) | (add_target == phase), add, 0.0)
+    cap_projection = tl.sum(hidden_after_add * cap_direction, axis=0)
+    shift = tl.minimum(tl.maximum(cap_projection, cap_min), cap_max) - cap_projection
+    shift = tl.where((cap_target == 0) | (cap_target == phase), shift, 0.0)
+    ablation_projection = tl.sum(hidden_after_add * ablation_direction, axis=0)
+    ablation_projection += shift * tl.sum(cap_direction * ablation_direction, axis=0)
+    coefficient = tl.where(
+        (ablation_target == 0) | (ablation_target == phase), (scale - 1.0) * ablation_projection, 0.0
+    )
+    steered = (hidden_after_add + shift * cap_direction + coefficient * ablation_direction).to(out.dtype)
+    tl.store(steered_ptr + row * hidden + cols, steered, mask=inside)
+    if CAPTURE:
+        tl.store(captured_ptr + row * hidden + cols, steered, mask=inside)
+
+
+def steer_rows(
+    out: Tensor,
+    residual: Tensor,
+    slot_index: Tensor,
+    row_phases: Tensor,
+    add_vectors: Tensor,
+    cap_directions: Tensor,
+    cap_min: Tensor,
+    cap_max: Tensor,
+    ablation_directions: Tensor,
+    ablation_scales: Tensor,
+    op_targets: Tensor,
+    captured: Tensor,
+    capture: bool,
+    **_skips: bool,
+) -> Tensor:
+    """The kernel over ``out.shape[0]`` rows; the tables are one layer's
+    (``[slots + 1, ...]``, contiguous), ``slot_index`` / ``row_phases`` /
+    ``captured`` have at least as many rows as ``out``. The torch path's
+    ``add`` / ``cap`` / ... flags (ops no row uses) are ignored: in one pass
+    an unused op costs next to nothing."""
+    rows, hidden = out.shape
+    steered = torch.empty((rows, hidden), dtype=out.dtype, device=out.device)
+    if rows:
+        block = triton.next_power_of_2(hidden)
+        _steer_rows_kernel[(rows,)](
+            out,
+            residual,
+            steered,
+            captured,
+            slot_index,
+            row_phases,
+            add_vectors,
+            cap_directions,
+            cap_min,
+            cap_max,
+            ablation_directions,
+            ablation_scales,
+            op_targets,
+            hidden,
+            out.stride(0),
+            residual.stride(0),
+            CAPTURE=capture,
+            BLOCK=block,
+            num_warps=min(max(block // 512, 1), 16),
+        )
+    return steered
