@@ -351,6 +351,9 @@ class CaptureStore:
         return taken
 
     def stats(self) -> dict[str, int]:
+        """Counts of captures held, once the helper threads have finished
+        what was queued (writes, and unmapping handed-over files)."""
+        self._lanes.drain()
         return {"captures": len(self._records) + len(self._failed), "released": len(self._released)}
 
 

@@ -558,7 +558,8 @@ class VLLMSteerModel:
                 logger.warning("could not release %d captures", len(ids), exc_info=True)
 
     async def worker_stats(self) -> list[dict[str, int]]:
-        """Per-worker counts of captures held (for leak checks)."""
+        """Per-worker counts of captures held (for leak checks), after the
+        workers' queued capture work (writes, releases) has finished."""
         await self._ensure_ready()
         return await self._rpc("workbench_stats")
 
