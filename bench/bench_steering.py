@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -24,12 +25,14 @@ import platform
 import random
 import re
 import statistics
+import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from workbench import AblationSpec, AddSpec, LayerSteeringSpec, ProjectionCapSpec, SteeringSpec
@@ -96,6 +99,59 @@ def random_spec(layers: list[int], hidden: int, seed: int, with_cap_and_ablation
             ablation=AblationSpec(vector(), scale=0.5) if with_cap_and_ablation else None,
         )
     return SteeringSpec(specs)
+
+
+class GpuClocks:
+    """Samples the GPU's SM clock and power draw (NVML) while a configuration
+    runs: a card at its power limit clocks down, so throughput can differ
+    with the data a run computes on, not only with the work it does."""
+
+    def __init__(self) -> None:
+        try:
+            import pynvml
+        except ImportError:  # vLLM ships a copy
+            from vllm.third_party import pynvml
+
+        pynvml.nvmlInit()
+        self._nvml = pynvml
+        self._handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        self.readings: dict[str, list[tuple[float, float]]] = {}
+
+    @contextlib.contextmanager
+    def sample(self, name: str) -> Iterator[None]:
+        """Record the mean SM clock (MHz) and power (W) of the enclosed run under ``name``."""
+        values: list[tuple[int, int]] = []
+        done = threading.Event()
+
+        def poll() -> None:
+            while not done.wait(0.02):
+                values.append(
+                    (
+                        self._nvml.nvmlDeviceGetClockInfo(self._handle, self._nvml.NVML_CLOCK_SM),
+                        self._nvml.nvmlDeviceGetPowerUsage(self._handle),
+                    )
+                )
+
+        thread = threading.Thread(target=poll, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
+            if values:
+                clocks, milliwatts = zip(*values)
+                reading = (statistics.fmean(clocks), statistics.fmean(milliwatts) / 1000)
+                self.readings.setdefault(name, []).append(reading)
+
+    def medians(self) -> dict[str, dict[str, float]]:
+        return {
+            name: {
+                "sm_clock_mhz": round(statistics.median(clock for clock, _ in values)),
+                "power_w": round(statistics.median(power for _, power in values)),
+            }
+            for name, values in self.readings.items()
+        }
 
 
 async def timed(run: Callable[[], Awaitable[int]]) -> float:
@@ -180,22 +236,32 @@ async def main(args: argparse.Namespace) -> None:
 
         return sum(await asyncio.gather(*(one(ids, i) for i, ids in enumerate(batch))))
 
+    capture_phases: dict[int, list[dict[str, float]]] = {}
+    """Captured layers -> per run, seconds spent generating, fetching, checking and closing, and releasing."""
+
     async def run_steered(batch: list[list[int]], spec: Any = None, capture: list[int] | None = None) -> int:
+        start = time.perf_counter()
         result = await model.generate(batch, params, capture_layers=capture, steering_spec=spec)
         if capture is None:
             return preset.output_tokens * len(batch)
+        generated = time.perf_counter()
         _, handles = result
         await model.fetch_captures_batch(handles)
+        fetched = time.perf_counter()
         rows = preset.prompt_tokens + preset.output_tokens - 1
         for handle in handles:  # verify every captured row came back, the last one written
             for layer in capture:
                 captured = handle.captures[layer][0]["hidden"]
                 assert captured.shape == (rows, hidden) and captured[-1].any()
             handle.close()
+        closed = time.perf_counter()
         # Freeing the captures' memory (1.6 GB a run for 4 layers) finishes on the
         # workers' helper threads; wait for it here, so that it counts against
         # this configuration rather than slowing whichever runs next.
         await model.worker_stats()
+        marks = (start, generated, fetched, closed, time.perf_counter())
+        phases = dict(zip(("generate", "fetch", "check_and_close", "release"), np.diff(marks).tolist()))
+        capture_phases.setdefault(len(capture), []).append(phases)
         return preset.output_tokens * len(batch)
 
     all_layers = list(range(layers))
@@ -231,13 +297,20 @@ async def main(args: argparse.Namespace) -> None:
     # with a fixed order: the first steered configuration after the plain engines
     # measured below configurations doing more work).
     order = random.Random(0)
+    clocks = None
+    if torch.cuda.is_available():
+        try:
+            clocks = GpuClocks()
+        except Exception:  # NVML missing or not permitted: the benchmark runs without clock readings
+            logger.warning("no GPU clock readings", exc_info=True)
     first, *rest = configs
     orders = []
     for round_index in range(preset.rounds):
         order.shuffle(rest)
         orders.append([first, *rest])
         for name in orders[-1]:
-            samples[name].append(await timed(configs[name]))
+            with clocks.sample(name) if clocks else contextlib.nullcontext():
+                samples[name].append(await timed(configs[name]))
         logger.info("round %d/%d done", round_index + 1, preset.rounds)
     model.close()
     plain.shutdown()
@@ -270,6 +343,11 @@ async def main(args: argparse.Namespace) -> None:
         "startup_s": {"plain vLLM": round(plain_startup, 1), "workbench": round(steered_startup, 1)},
         "tok_per_s": {name: [round(v, 1) for v in values] for name, values in samples.items()},
         "order_per_round": orders,
+        "capture_phases_s": {
+            f"{layers} layers": {phase: round(statistics.median(run[phase] for run in runs), 4) for phase in runs[0]}
+            for layers, runs in capture_phases.items()
+        },
+        **({"gpu_clocks": clocks.medians()} if clocks else {}),
         "median_tok_per_s": {name: round(v, 1) for name, v in medians.items()},
         "ratio_to_plain": {name: round(medians[name] / reference[name], 3) for name in medians},
     }
@@ -284,6 +362,10 @@ async def main(args: argparse.Namespace) -> None:
     print("| configuration | median tok/s | vs plain |\n| --- | ---: | ---: |")
     for name in configs:
         print(f"| {name} | {medians[name]:,.0f} | {results['ratio_to_plain'][name]:.3f} |")
+    for layers, phases in results["capture_phases_s"].items():
+        print(f"capture {layers}, median seconds per run: {phases}")
+    if clocks:
+        print(f"GPU clocks and power per configuration: {clocks.medians()}")
     print(f"\nwritten to {path}")
 
 

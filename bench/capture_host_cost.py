@@ -5,7 +5,8 @@ Feeds ``CaptureStore`` the rows of the GPU preset's workload (256 requests x
 layer) the way the step hook does on CPU (rows written in place on the
 calling thread), then fetches them and maps them as the client does. Prints
 the time of the prefill step (which opens the capture files), the mean time
-per decode step, the worker's fetch and the client's mapping.
+per decode step, the worker's fetch and the client's mapping and release, for
+a run into fresh files and one into the files the first run gave back.
 
     python bench/capture_host_cost.py [--layers 1 4]
 """
@@ -32,42 +33,56 @@ class Step:
     computed: np.ndarray
 
 
-def measure(layers: int) -> dict[str, float]:
+def measure(layers: int) -> list[dict[str, float]]:
+    """Two runs on one store: into fresh files, then into the first run's files given back."""
     folder = transfer.make_folder()
     captured = range(layers)
     store = CaptureStore(frozenset(captured), HIDDEN, torch.bfloat16, torch.device("cpu"))
-    payloads = [
-        request_payload(1, f"c{i}", tuple(captured), PROMPT + GENERATED - 1, folder.name) for i in range(REQUESTS)
-    ]
     buffers = {layer: torch.randn(REQUESTS * PROMPT, HIDDEN).to(torch.bfloat16) for layer in captured}
-    batch, capturing = object(), list(range(REQUESTS))
-    start = time.perf_counter()
-    prefill = Step(np.arange(REQUESTS + 1) * PROMPT, np.zeros(REQUESTS, dtype=np.int64))
-    store.record(batch, payloads, capturing, prefill, buffers)
-    prefilled = time.perf_counter()
     decode_rows = {layer: rows[:REQUESTS] for layer, rows in buffers.items()}
-    for step in range(GENERATED - 1):
-        store.record(
-            batch, payloads, capturing, Step(np.arange(REQUESTS + 1), np.full(REQUESTS, PROMPT + step)), decode_rows
+    given_back: list[str] = []
+    results = []
+    for run in ("fresh files", "recycled files"):
+        ids = [f"{run[0]}{i}" for i in range(REQUESTS)]
+        payloads = [request_payload(1, i, tuple(captured), PROMPT + GENERATED - 1, folder.name) for i in ids]
+        batch, capturing = object(), list(range(REQUESTS))
+        start = time.perf_counter()
+        prefill = Step(np.arange(REQUESTS + 1) * PROMPT, np.zeros(REQUESTS, dtype=np.int64))
+        store.record(batch, payloads, capturing, prefill, buffers)
+        prefilled = time.perf_counter()
+        for step in range(GENERATED - 1):
+            decode = Step(np.arange(REQUESTS + 1), np.full(REQUESTS, PROMPT + step))
+            store.record(batch, payloads, capturing, decode, decode_rows)
+        decoded = time.perf_counter()
+        reply = store.fetch(ids)
+        fetched = time.perf_counter()
+        rows = transfer.read_reply(reply, HIDDEN, given_back.append)
+        mapped = time.perf_counter()
+        assert len(rows) == REQUESTS * layers
+        del rows  # the client lets go: its files go back to the store (to be freed, after the last run)
+        released = time.perf_counter()
+        store.recycle(given_back)
+        given_back.clear()
+        results.append(
+            {
+                "layers": layers,
+                "run": run,
+                "prefill_step_ms": round(1e3 * (prefilled - start), 1),
+                "decode_step_us": round(1e6 * (decoded - prefilled) / (GENERATED - 1)),
+                "fetch_ms": round(1e3 * (fetched - decoded), 1),
+                "client_map_ms": round(1e3 * (mapped - fetched), 1),
+                "client_release_ms": round(1e3 * (released - mapped), 1),
+            }
         )
-    decoded = time.perf_counter()
-    reply = store.fetch([f"c{i}" for i in range(REQUESTS)])
-    fetched = time.perf_counter()
-    rows = transfer.read_reply(reply, HIDDEN)
-    mapped = time.perf_counter()
-    assert len(rows) == REQUESTS * layers
+    start = time.perf_counter()
     folder.cleanup()
-    return {
-        "layers": layers,
-        "prefill_step_ms": round(1e3 * (prefilled - start), 1),
-        "decode_step_us": round(1e6 * (decoded - prefilled) / (GENERATED - 1)),
-        "fetch_ms": round(1e3 * (fetched - decoded), 1),
-        "client_map_ms": round(1e3 * (mapped - fetched), 1),
-    }
+    results[-1]["freeing_files_ms"] = round(1e3 * (time.perf_counter() - start), 1)
+    return results
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, nargs="+", default=[1, 4])
     for count in parser.parse_args().layers:
-        print(measure(count))
+        for result in measure(count):
+            print(result)

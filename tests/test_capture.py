@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from workbench import CaptureError, CaptureHandle, HandleReleasedError
 from workbench.capture_space import FreeRanges, RowSpace, RowSpaceError
-from workbench.capture_store import RELEASE_GRACE_STEPS, CaptureStore, HostLanes
+from workbench.capture_store import RELEASE_GRACE_STEPS, CaptureStore, FilePool, HostLanes
 from workbench.transfer import read_reply
 from workbench.worker import request_payload
 
@@ -42,6 +42,9 @@ class Recorder:
 
     def __init__(self, payloads: list[dict | None], threads: int = 0) -> None:
         self.store = CaptureStore(frozenset(range(8)), HIDDEN, torch.float32, torch.device("cpu"), threads)
+        self.new_batch(payloads)
+
+    def new_batch(self, payloads: list[dict | None]) -> None:
         self.payloads = payloads
         self.capturing = [place for place, payload in enumerate(payloads) if payload and "capture_id" in payload]
         self.key = object()
@@ -81,7 +84,7 @@ def test_rows_of_interleaved_requests_land_in_their_files(tmp_path, threads):
     assert torch.equal(rows["b/3"], rows_at(list(range(7)), 2000.0) + 300_000)
     recorder.store._lanes.drain()  # windows are unmapped after the reply
     assert not any(tmp_path.iterdir())  # the client unlinked the files it mapped
-    assert recorder.store.stats() == {"captures": 0, "released": 2}
+    assert recorder.store.stats() == {"captures": 0, "released": 2, "recycled_files": 0}
 
 
 def test_a_pipeline_stage_records_only_its_own_layers(tmp_path):
@@ -117,12 +120,12 @@ def test_released_captures_delete_their_files_and_stay_blocked(tmp_path):
     recorder.store.release(["a"])
     assert not any(tmp_path.iterdir())
     recorder.step([(3, 1)])  # a step dispatched before the release arrived
-    assert recorder.store.stats() == {"captures": 0, "released": 1}
+    assert recorder.store.stats() == {"captures": 0, "released": 1, "recycled_files": 0}
     for position in range(4, 4 + 2 * RELEASE_GRACE_STEPS):  # its request runs on (its abort is slow)...
         recorder.step([(position, 1)])
     recorder.key = object()  # ...into a new batch composition
     recorder.step([(4 + 2 * RELEASE_GRACE_STEPS, 1)])
-    assert recorder.store.stats() == {"captures": 0, "released": 1}  # blocked while it runs
+    assert recorder.store.stats() == {"captures": 0, "released": 1, "recycled_files": 0}  # blocked while it runs
     assert not any(tmp_path.iterdir())
     rows, _ = recorder.fetch(["a"])
     assert rows == {}
@@ -227,3 +230,44 @@ def test_dropping_an_unfetched_handle_releases_it():
 
     gc.collect()
     assert released == ["c"]
+
+
+def test_fetched_files_are_recycled_into_later_captures(tmp_path):
+    """A file the client no longer views goes back to the worker, whose next
+    capture writes into it (same inode: its pages are reused, not freed and
+    faulted in again), and only that capture's rows are visible."""
+    recorder = Recorder([payload("a", tmp_path, (3, 5)), payload("b", tmp_path)])
+    recorder.step([(0, 6), (0, 4)], layers=(3, 5))
+    given_back: list[str] = []
+    rows = read_reply(recorder.store.fetch(["a", "b"]), HIDDEN, given_back.append)
+    assert torch.equal(rows["a/3"], rows_at(list(range(6))) + 300_000)
+    recorder.store._lanes.drain()
+    inodes = {os.stat(path).st_ino for path in tmp_path.iterdir()}
+    assert len(inodes) == 3 and not given_back  # the files stay while the tensors live
+    kept = rows["b/3"][1:3]  # a view keeps its file's memory
+    del rows
+    assert len(given_back) == 2
+    del kept
+    assert sorted(Path(path).name for path in given_back) == ["a-3.rows", "a-5.rows", "b-3.rows"]
+    recorder.store.recycle(given_back)
+    assert recorder.store.stats()["recycled_files"] == 3
+
+    recorder.new_batch([payload("c", tmp_path, capacity=8)])
+    recorder.step([(0, 2)])
+    recorder.step([(2, 1)])
+    assert recorder.store.stats()["recycled_files"] == 2
+    assert {os.stat(path).st_ino for path in tmp_path.iterdir()} == inodes
+    rows = read_reply(recorder.store.fetch(["c"]), HIDDEN)
+    assert torch.equal(rows["c/3"], rows_at(list(range(3))) + 300_000)
+
+
+def test_the_file_pool_keeps_the_newest_files_within_its_limit(tmp_path):
+    pool = FilePool(limit=3 * 8192)
+    files = []
+    for index in range(5):
+        files.append(tmp_path / f"c{index}-3.rows")
+        files[-1].write_bytes(b"x" * 8192)
+    dropped = [old for path in files for old in pool.add(path)]
+    assert dropped == files[:2] and len(pool) == 3
+    assert pool.take(tmp_path) == files[2] and pool.take(tmp_path / "elsewhere") is None
+    assert pool.add(tmp_path / "gone-3.rows") == [] and len(pool) == 2

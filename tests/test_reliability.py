@@ -101,8 +101,12 @@ async def test_a_bad_handle_in_a_fetch_does_not_cost_the_good_ones_their_rows(mo
     with pytest.raises(HandleReleasedError, match="not-a-capture"):
         await model.fetch_captures_batch([handles[0], foreign, handles[1]])
     assert all(handle.hidden(5).shape[0] == handle.expected_rows for handle in handles)
-    left = [path.name for path in Path(model._handoff_folder).iterdir()]
-    assert not [name for name in left if name.startswith((handles[0].capture_id, handles[1].capture_id))]
+    for handle in handles:
+        handle.close()
+    gc.collect()
+    stats = await drained_stats(model)
+    # Their files went back to the worker for reuse: every file left is one it keeps.
+    assert len(list(Path(model._handoff_folder).iterdir())) == stats["recycled_files"]
 
 
 async def test_captures_come_back_inline_when_the_worker_cannot_see_the_shared_folder(model):
@@ -290,7 +294,8 @@ async def drained_stats(model) -> dict[str, int]:
 @pytest.mark.slow
 async def test_thousand_capture_requests_leave_no_trace(model):
     """1000 capturing requests, fetched, dropped unfetched, or cancelled mid-run:
-    worker storage ends empty, the hand-off folder too, memory stays flat."""
+    worker storage ends empty, the hand-off folder holds only the files kept
+    for reuse, memory stays flat."""
     rng = random.Random(1)
     bound_mib = 64
     rounds, per_round = 20, 50
@@ -315,11 +320,37 @@ async def test_thousand_capture_requests_leave_no_trace(model):
         if round_index in (4, rounds - 1):
             stats = await drained_stats(model)
             memory.append(engine_rss_mib())
-    assert stats == {"captures": 0, "released": 0}
-    assert not any(Path(model._handoff_folder).iterdir())
+    assert stats["captures"] == 0 and stats["released"] == 0
+    # What stays in the hand-off folder is the files kept for reuse, and nothing else.
+    assert len(list(Path(model._handoff_folder).iterdir())) == stats["recycled_files"] > 0
     growth = memory[1] - memory[0]
     print(f"memory after 250 requests {memory[0]:.0f} MiB, after 1000 {memory[1]:.0f} MiB, growth {growth:.1f} MiB")
     assert growth < bound_mib, f"memory grew {growth:.0f} MiB over 750 capture requests (bound {bound_mib} MiB)"
+
+
+async def test_a_capture_reuses_closed_files_and_never_touches_live_ones(model):
+    """Files of closed handles go back to the worker and the next capture writes
+    into them; a handle still alive keeps its rows; both equal solo runs."""
+    gc.collect()
+    _, (kept, closed) = await model.generate(PROMPTS[:2], greedy(6), capture_layers=[2, 7])
+    await model.fetch_captures_batch([kept, closed])
+    before = {layer: kept.hidden(layer).clone() for layer in (2, 7)}
+    folder = Path(model._handoff_folder)
+    files = {path.stat().st_ino for path in folder.iterdir()}
+    closed.close()
+    gc.collect()
+    pooled = (await drained_stats(model))["recycled_files"]
+    assert pooled >= 2
+    _, (again,) = await model.generate(PROMPTS[1], greedy(6), capture_layers=[2, 7])
+    await model.fetch_captures_batch([again])
+    assert (await model.worker_stats())[0]["recycled_files"] == pooled - 2
+    assert {path.stat().st_ino for path in folder.iterdir()} <= files  # written into kept pages
+    for layer in (2, 7):
+        assert torch.equal(kept.hidden(layer), before[layer])
+    solo = await model.generate(PROMPTS[1], greedy(6), capture_layers=[2, 7])
+    await model.fetch_captures_batch(solo[1])
+    for layer in (2, 7):
+        assert torch.equal(again.hidden(layer), solo[1][0].hidden(layer))
 
 
 async def test_cancelled_request_frees_its_capture(model):

@@ -3,9 +3,10 @@ shared memory, all mapped side by side in one reserved address range.
 
 Each capturing request gets, per captured layer, a file of
 ``capacity x hidden`` rows (prompt + max_tokens - 1) in the client's hand-off
-folder under ``/dev/shm``. Rows are written into it as the steps run; at
-fetch time the client maps the file and unlinks it, so the rows are never
-copied after generation (assembling them at fetch cost ~0.3 s per 400 MB
+folder under ``/dev/shm`` (a new file, or one the client gave back, renamed:
+see ``capture_store.FilePool``). Rows are written into it as the steps run;
+at fetch time the client maps the file, so the rows are never copied after
+generation (assembling them at fetch cost ~0.3 s per 400 MB
 layer, most of it first-touch page faults, which now fall while the GPU
 runs). The files are sparse, so rows a request never reaches cost nothing.
 
@@ -102,6 +103,8 @@ class Window:
     first_row: int
     capacity: int
     units: int
+    growth: int
+    """Bytes of shared memory the file may still allocate (counted against the free space)."""
 
 
 class RowSpace:
@@ -130,44 +133,55 @@ class RowSpace:
         self._lock = threading.Lock()
         """Windows are opened on the model's thread and may be closed on a helper thread."""
         self._open_bytes = 0
-        """What the open windows may still grow to (their full size: an upper bound)."""
+        """What the open windows' files may still allocate (an upper bound)."""
 
-    def open(self, path: Path, capacity: int) -> Window:
-        """Create ``path`` sized for ``capacity`` rows and map it into the range."""
+    def open(self, path: Path, capacity: int, reuse: Path | None = None) -> Window:
+        """Create ``path`` sized for ``capacity`` rows and map it into the range.
+        With ``reuse``, that file (pages and all) is renamed to ``path`` instead;
+        ``FileNotFoundError`` if it is gone."""
         units = max(1, -(-capacity // self.rows_per_unit))
         size = capacity * self.row_bytes
-        # Writing past the end of a full tmpfs kills the process (SIGBUS), so a
-        # capture that might not fit is refused here, where it is an error.
-        stats = os.statvfs(path.parent)
-        free = stats.f_bavail * stats.f_frsize
-        if free < self._open_bytes + size:
-            raise RowSpaceError(
-                f"{path.parent} has {free >> 20} MiB free, but the captures in flight may need "
-                f"{(self._open_bytes + size) >> 20} MiB; fetch or close captures, lower max_tokens, "
-                "or give the machine more shared memory (e.g. docker --shm-size)"
-            )
-        with self._lock:
-            start = self._free.take(units)
-        if start is None:
-            raise RowSpaceError(
-                f"no address space left for a {capacity}-row capture ({units * self.unit_bytes} bytes); "
-                "fetch or close captures, or capture fewer requests at once"
-            )
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        if reuse is not None:
+            os.rename(reuse, path)
+        fd = os.open(path, os.O_RDWR | (0 if reuse else os.O_CREAT | os.O_EXCL), 0o600)
+        start = None
         try:
-            os.ftruncate(fd, capacity * self.row_bytes)
+            # What the file may still allocate: its size less the pages it already has.
+            growth = max(0, size - os.fstat(fd).st_blocks * 512)
+            self._check_free(path.parent, growth)
+            with self._lock:
+                start = self._free.take(units)
+            if start is None:
+                raise RowSpaceError(
+                    f"no address space left for a {capacity}-row capture ({units * self.unit_bytes} bytes); "
+                    "fetch or close captures, or capture fewer requests at once"
+                )
+            os.ftruncate(fd, size)
             address = self._base + start * self.unit_bytes
             _mmap(address, units * self.unit_bytes, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED | _MAP_FIXED, fd)
         except BaseException:
-            with self._lock:
-                self._free.give(start, units)
+            if start is not None:
+                with self._lock:
+                    self._free.give(start, units)
             path.unlink(missing_ok=True)
             raise
         finally:
             os.close(fd)
         with self._lock:
-            self._open_bytes += size
-        return Window(path, start * self.rows_per_unit, capacity, units)
+            self._open_bytes += growth
+        return Window(path, start * self.rows_per_unit, capacity, units, growth)
+
+    def _check_free(self, folder: Path, growth: int) -> None:
+        """Refuse a file that might not fit: writing past the end of a full tmpfs
+        kills the process (SIGBUS), so it is refused here, where it is an error."""
+        stats = os.statvfs(folder)
+        free = stats.f_bavail * stats.f_frsize
+        if free < self._open_bytes + growth:
+            raise RowSpaceError(
+                f"{folder} has {free >> 20} MiB free, but the captures in flight may need "
+                f"{(self._open_bytes + growth) >> 20} MiB; fetch or close captures, lower max_tokens, "
+                "or give the machine more shared memory (e.g. docker --shm-size)"
+            )
 
     def close(self, window: Window, unlink: bool) -> None:
         """Unmap ``window`` (its range becomes reserved again); delete its file if ``unlink``."""
@@ -175,7 +189,7 @@ class RowSpace:
         _reserve(self._base + start * self.unit_bytes, window.units * self.unit_bytes)
         with self._lock:
             self._free.give(start, window.units)
-            self._open_bytes -= window.capacity * self.row_bytes
+            self._open_bytes -= window.growth
         if unlink:
             window.path.unlink(missing_ok=True)
 

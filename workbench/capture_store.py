@@ -18,6 +18,7 @@ the buffers.
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import tempfile
@@ -48,6 +49,58 @@ WRITER_THREADS = 4
 """Helper threads on CUDA: fresh shared memory costs a page fault per 4 KiB
 written, so one thread manages ~1-2 GB/s; captured layers are spread over
 the threads (a layer always goes to the same one, keeping its writes in order)."""
+
+
+RECYCLED_BYTES = 4 << 30
+"""Shared memory kept in capture files the client gave back, for later captures to write into."""
+
+
+class FilePool:
+    """Capture files the client no longer views, per folder, oldest first.
+
+    A later capture renames one to its own name and writes into its pages:
+    on this project's CPU machine writing 400 MB of rows into pages that
+    exist took half as long as into fresh ones (every fresh 4 KiB page is a
+    page fault and zeroing), and nothing has to be freed afterwards (~50 ms
+    per 400 MB).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._files: dict[Path, collections.deque[tuple[Path, int]]] = {}
+        self._bytes = 0
+
+    def __len__(self) -> int:
+        return sum(len(files) for files in self._files.values())
+
+    def add(self, path: Path) -> list[Path]:
+        """Keep ``path``; returns the files dropped to stay within the limit (the caller deletes them)."""
+        try:
+            size = path.stat().st_blocks * 512
+        except FileNotFoundError:
+            return []
+        files = self._files.setdefault(path.parent, collections.deque())
+        files.append((path, size))
+        self._bytes += size
+        dropped = []
+        while self._bytes > self.limit and files:
+            old, old_size = files.popleft()
+            self._bytes -= old_size
+            dropped.append(old)
+        return dropped
+
+    def take(self, folder: Path) -> Path | None:
+        files = self._files.get(folder)
+        if not files:
+            return None
+        path, size = files.popleft()
+        self._bytes -= size
+        return path
+
+
+def _layer_of(path: Path) -> int:
+    """The layer of a capture file named ``<capture_id>-<layer>.rows``."""
+    return int(path.stem.rsplit("-", 1)[1])
 
 
 class HostLanes:
@@ -158,6 +211,7 @@ class CaptureStore:
         self._free_indices = list(range(63, -1, -1))
         self._plan: _BatchPlan | None = None
         self._staging = HostStaging() if device.type == "cuda" else None
+        self._pool = FilePool(RECYCLED_BYTES)
 
     @property
     def space(self) -> RowSpace:
@@ -266,7 +320,7 @@ class CaptureStore:
         windows: dict[int, Window] = {}
         try:
             for layer in (layer for layer in payload["layers"] if layer in self.layers):
-                windows[layer] = self.space.open(folder / f"{capture_id}-{layer}.rows", payload["capacity"])
+                windows[layer] = self._open_file(folder, f"{capture_id}-{layer}.rows", payload["capacity"])
         except OSError as error:  # RowSpaceError included
             for window in windows.values():
                 self.space.close(window, unlink=True)
@@ -280,6 +334,16 @@ class CaptureStore:
         self._missing_from[index] = -1
         record = self._records[capture_id] = CaptureRecord(capture_id, windows, index, inline)
         return record
+
+    def _open_file(self, folder: Path, name: str, capacity: int) -> Window:
+        """A window on a new file, written into the pages of a recycled one where there is one."""
+        reuse = self._pool.take(folder)
+        if reuse is not None:
+            try:
+                return self.space.open(folder / name, capacity, reuse)
+            except FileNotFoundError:  # deleted under us (the client's folder went away)
+                pass
+        return self.space.open(folder / name, capacity)
 
     def _grow_books(self) -> None:
         size = self._num_rows.size
@@ -350,11 +414,25 @@ class CaptureStore:
             self._plan = None
         return taken
 
+    def recycle(self, paths: list[str]) -> None:
+        """Keep these handed-over files (the client no longer views them) for
+        later captures; past the pool's limit the oldest are deleted, on a
+        helper thread (freeing hundreds of MB takes tens of milliseconds)."""
+        for name in paths:
+            path = Path(name)
+            if _layer_of(path) in self.layers:  # a pipeline stage keeps the files of its own layers
+                for dropped in self._pool.add(path):
+                    self._lanes.submit(0, None, partial(dropped.unlink, missing_ok=True))
+
     def stats(self) -> dict[str, int]:
         """Counts of captures held, once the helper threads have finished
         what was queued (writes, and unmapping handed-over files)."""
         self._lanes.drain()
-        return {"captures": len(self._records) + len(self._failed), "released": len(self._released)}
+        return {
+            "captures": len(self._records) + len(self._failed),
+            "released": len(self._released),
+            "recycled_files": len(self._pool),
+        }
 
 
 class HostStaging:

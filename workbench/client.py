@@ -16,7 +16,7 @@ import logging
 import os
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -172,7 +172,8 @@ class VLLMSteerModel:
         self._setup_done = False
         self._setup_lock = asyncio.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._pending_releases: set[str] = set()
+        self._pending_items: dict[str, dict[str, None]] = {}
+        """Worker method -> items queued for it in this turn of the event loop (releases, recycled files)."""
         self._pending_loads: list[tuple[int, dict[str, Any], asyncio.Future[None]]] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._handoff = transfer.make_folder()
@@ -511,7 +512,7 @@ class VLLMSteerModel:
         layers: dict[str, dict[int, Tensor]] = {handle.capture_id: {} for handle in pending}
         errors: dict[str, str] = {}
         for reply in replies:
-            for key, tensor in transfer.read_reply(reply, self._hidden_size).items():
+            for key, tensor in transfer.read_reply(reply, self._hidden_size, _weak_recycle(self)).items():
                 capture_id, layer = key.split("/")
                 layers[capture_id][int(layer)] = tensor
             errors.update(reply["errors"])
@@ -538,24 +539,38 @@ class VLLMSteerModel:
 
     def _release_soon(self, capture_id: str) -> None:
         """Free a capture in the workers; safe to call from any thread or a finaliser."""
+        self._send_soon("workbench_release_captures", capture_id)
+
+    def _recycle_soon(self, path: str) -> None:
+        """Give a fetched capture's file back to the workers for later captures
+        (called once no tensor views it); deleted instead once the engine is gone."""
+        if not self._send_soon("workbench_recycle_capture_files", path):
+            Path(path).unlink(missing_ok=True)
+
+    def _send_soon(self, method: str, item: str) -> bool:
+        """Pass ``item`` to the workers' ``method`` with the others queued in the
+        same turn of the event loop, in one call; safe from any thread or a
+        finaliser. False once the engine is closed."""
         loop = self._loop
         if self._closed or loop is None or loop.is_closed():
-            return
-        loop.call_soon_threadsafe(self._queue_release, capture_id)
+            return False
+        loop.call_soon_threadsafe(self._queue_item, method, item)
+        return True
 
-    def _queue_release(self, capture_id: str) -> None:
-        if not self._pending_releases:
-            self._track(asyncio.ensure_future(self._flush_releases()))
-        self._pending_releases.add(capture_id)
+    def _queue_item(self, method: str, item: str) -> None:
+        pending = self._pending_items.setdefault(method, {})
+        if not pending:
+            self._track(asyncio.ensure_future(self._flush_items(method)))
+        pending[item] = None
 
-    async def _flush_releases(self) -> None:
+    async def _flush_items(self, method: str) -> None:
         await asyncio.sleep(0)
-        ids, self._pending_releases = list(self._pending_releases), set()
-        if ids and not self._closed:
+        items = list(self._pending_items.pop(method, {}))
+        if items and not self._closed:
             try:
-                await self._rpc("workbench_release_captures", ids)
+                await self._rpc(method, items)
             except Exception:  # the engine is gone; its memory went with it
-                logger.warning("could not release %d captures", len(ids), exc_info=True)
+                logger.warning("%s: could not pass %d items to the workers", method, len(items), exc_info=True)
 
     async def worker_stats(self) -> list[dict[str, int]]:
         """Per-worker counts of captures held (for leak checks), after the
@@ -667,7 +682,7 @@ class VLLMSteerModel:
             await self.pop_steering_spec()
 
 
-def _weak_release(model: VLLMSteerModel) -> Any:
+def _weak_release(model: VLLMSteerModel) -> Callable[[str], None]:
     """A release callback that does not keep the model alive."""
     ref = weakref.ref(model)
 
@@ -677,3 +692,17 @@ def _weak_release(model: VLLMSteerModel) -> Any:
             target._release_soon(capture_id)
 
     return release
+
+
+def _weak_recycle(model: VLLMSteerModel) -> Callable[[str], None]:
+    """A file-recycling callback that does not keep the model alive (the file is deleted if it is gone)."""
+    ref = weakref.ref(model)
+
+    def recycle(path: str) -> None:
+        target = ref()
+        if target is not None:
+            target._recycle_soon(path)
+        else:
+            Path(path).unlink(missing_ok=True)
+
+    return recycle

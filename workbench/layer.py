@@ -197,9 +197,12 @@ class SteeredDecoderLayer(nn.Module):
             self.op_targets,
             self.captured,
         )
-        if self.plan.eager:
+        if self.plan.eager or self._steer_rows is layer_op.steer_rows_torch:
+            # Eager: the implementation directly. Compiled without a fused kernel
+            # (CPU): the torch code inline, for inductor to fuse.
             steered = self._steer_rows(out, residual, *tables, capture, **vars(use))
         else:
-            # The custom op: one opaque call for torch.compile, writing the capture buffer in place.
+            # The fused kernel as a custom op: one opaque call for torch.compile,
+            # writing the capture buffer in place.
             steered = torch.ops.workbench.steer_rows(out, residual, *tables, capture)
         return steered, torch.zeros_like(residual)

@@ -5,6 +5,10 @@ gathered from its slot tables (``[T, H]`` directions, ``[T, 1]`` scalars) and
 the Hugging Face reference with one spec's vectors (``[H]``) and plain floats.
 Broadcasting makes the two the same code.
 
+On CUDA the engine runs ``apply_layer_ops`` as one fused Triton kernel
+(``workbench.triton_steer``), a second implementation of the same formulas;
+the GPU tests hold it to this one (bit-equal where no cap or ablation acts).
+
 Every op is exactly the identity for its neutral parameters (zero add vector,
 zero direction, ablation scale 1), so unsteered tokens in a steered batch keep
 bit-identical hidden states.

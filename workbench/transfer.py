@@ -7,12 +7,16 @@ worker writes each capture's rows into files there while generating (see
 ``workbench.capture_space``), and at fetch the client maps the files and
 unlinks them: the rows are written once and never copied again. A worker
 that cannot see the folder (another host) sends the rows as safetensors
-bytes in the RPC reply instead.
+bytes in the RPC reply instead. Once the client no longer views a file,
+the worker reuses it (and its memory) for a later capture.
 """
 
 from __future__ import annotations
 
+import mmap
 import tempfile
+import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,21 +33,41 @@ def make_folder(prefix: str = "workbench-captures-") -> tempfile.TemporaryDirect
     return tempfile.TemporaryDirectory(prefix=prefix, dir=parent)
 
 
-def read_reply(reply: dict[str, Any], hidden: int) -> dict[str, Tensor]:
+def read_reply(reply: dict[str, Any], hidden: int, recycle: Callable[[str], None] | None = None) -> dict[str, Tensor]:
     """The client side of a fetch reply: ``"<capture_id>/<layer>"`` -> ``[rows, hidden]``.
 
-    Files are mapped privately (writes to the tensors stay in this process)
-    and unlinked at once: the memory lives as long as some view of it does.
+    Files are mapped privately (writes to the tensors stay in this process).
+    With ``recycle``, a file stays in the folder and ``recycle(path)`` is
+    called once no tensor views its memory any more (from the thread that
+    dropped the last one), so the worker can write the next capture into
+    the same pages: faulting fresh shared memory in and freeing it again
+    cost more than writing the rows. Without it the file is unlinked at once
+    and its memory lives as long as some view of it does.
     """
     tensors = load_tensors(reply["data"]) if "data" in reply else {}
     dtype = getattr(torch, reply["dtype"])
     for key, (name, rows) in reply["files"].items():
-        path = Path(name)
+        if not rows:
+            tensors[key] = torch.empty(0, hidden, dtype=dtype)
+            _let_go(name, recycle)
+            continue
         try:
-            if rows:
-                tensors[key] = torch.from_file(name, shared=False, size=rows * hidden, dtype=dtype).view(rows, hidden)
-            else:
-                tensors[key] = torch.empty(0, hidden, dtype=dtype)
-        finally:
-            path.unlink(missing_ok=True)
+            with open(name, "rb") as file:
+                memory = mmap.mmap(file.fileno(), rows * hidden * dtype.itemsize, flags=mmap.MAP_PRIVATE)
+        except BaseException:
+            _let_go(name, recycle)
+            raise
+        # frombuffer keeps `memory` alive for as long as any view of the tensor lives.
+        tensors[key] = torch.frombuffer(memory, dtype=dtype).view(rows, hidden)
+        if recycle is None:
+            Path(name).unlink(missing_ok=True)
+        else:
+            weakref.finalize(memory, recycle, name).atexit = False
     return tensors
+
+
+def _let_go(name: str, recycle: Callable[[str], None] | None) -> None:
+    if recycle is None:
+        Path(name).unlink(missing_ok=True)
+    else:
+        recycle(name)

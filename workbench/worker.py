@@ -10,7 +10,8 @@ The client then talks to ``WorkbenchWorkerExtension`` through
 ``collective_rpc``: ``workbench_setup`` installs the per-step hook,
 ``workbench_load_slots`` stages specs for slots of the tables, and
 ``workbench_fetch_captures`` / ``workbench_release_captures`` hand over or
-drop captured rows. Each request names its slot and capture in
+drop captured rows, and ``workbench_recycle_capture_files`` gives back the
+files of fetched captures that the client no longer uses. Each request names its slot and capture in
 ``SamplingParams.extra_args["workbench"]`` (see ``request_payload``).
 """
 
@@ -372,6 +373,11 @@ class WorkbenchWorkerExtension:
 
     def workbench_release_captures(self, capture_ids: list[str]) -> None:
         self._workbench_runtime().release(capture_ids)
+
+    def workbench_recycle_capture_files(self, paths: list[str]) -> None:
+        runtime = self._workbench_runtime()
+        if runtime.records_captures:  # only the worker that writes capture files reuses them
+            runtime.captures.recycle(paths)
 
     def workbench_stats(self) -> dict[str, int]:
         return self._workbench_runtime().stats()
