@@ -433,7 +433,7 @@ class VLLMSteerModel:
                 generated_token_ids=tuple(final.outputs[0].token_ids),
                 message_boundaries=boundaries,
             )
-            handle._attach_release(_weak_release(self))
+            handle._attach_release(_weak_callback(self, "_release_soon"))
         return final, handle
 
     def _capture_capacity(self, prompt_tokens: int, params: Any) -> int:
@@ -511,8 +511,9 @@ class VLLMSteerModel:
         replies = await self._rpc("workbench_fetch_captures", [handle.capture_id for handle in pending])
         layers: dict[str, dict[int, Tensor]] = {handle.capture_id: {} for handle in pending}
         errors: dict[str, str] = {}
+        recycle = _weak_callback(self, "_recycle_soon", _delete_file)
         for reply in replies:
-            for key, tensor in transfer.read_reply(reply, self._hidden_size, _weak_recycle(self)).items():
+            for key, tensor in transfer.read_reply(reply, self._hidden_size, recycle).items():
                 capture_id, layer = key.split("/")
                 layers[capture_id][int(layer)] = tensor
             errors.update(reply["errors"])
@@ -545,7 +546,7 @@ class VLLMSteerModel:
         """Give a fetched capture's file back to the workers for later captures
         (called once no tensor views it); deleted instead once the engine is gone."""
         if not self._send_soon("workbench_recycle_capture_files", path):
-            Path(path).unlink(missing_ok=True)
+            _delete_file(path)
 
     def _send_soon(self, method: str, item: str) -> bool:
         """Pass ``item`` to the workers' ``method`` with the others queued in the
@@ -682,27 +683,22 @@ class VLLMSteerModel:
             await self.pop_steering_spec()
 
 
-def _weak_release(model: VLLMSteerModel) -> Callable[[str], None]:
-    """A release callback that does not keep the model alive."""
+def _weak_callback(
+    model: VLLMSteerModel, method: str, orphaned: Callable[[str], None] | None = None
+) -> Callable[[str], None]:
+    """``model.<method>(item)`` as a callback that does not keep the model alive
+    (for finalisers); ``orphaned(item)`` runs instead once the model is gone."""
     ref = weakref.ref(model)
 
-    def release(capture_id: str) -> None:
+    def call(item: str) -> None:
         target = ref()
         if target is not None:
-            target._release_soon(capture_id)
+            getattr(target, method)(item)
+        elif orphaned is not None:
+            orphaned(item)
 
-    return release
+    return call
 
 
-def _weak_recycle(model: VLLMSteerModel) -> Callable[[str], None]:
-    """A file-recycling callback that does not keep the model alive (the file is deleted if it is gone)."""
-    ref = weakref.ref(model)
-
-    def recycle(path: str) -> None:
-        target = ref()
-        if target is not None:
-            target._recycle_soon(path)
-        else:
-            Path(path).unlink(missing_ok=True)
-
-    return recycle
+def _delete_file(path: str) -> None:
+    Path(path).unlink(missing_ok=True)

@@ -78,37 +78,8 @@ def steer_rows_torch(
     return steered
 
 
-@torch.library.custom_op("workbench::steer_rows", mutates_args=("captured",))
-def steer_rows_op(
-    out: Tensor,
-    residual: Tensor,
-    slot_index: Tensor,
-    row_phases: Tensor,
-    add_vectors: Tensor,
-    cap_directions: Tensor,
-    cap_min: Tensor,
-    cap_max: Tensor,
-    ablation_directions: Tensor,
-    ablation_scales: Tensor,
-    op_targets: Tensor,
-    captured: Tensor,
-    capture: bool,
-) -> Tensor:
-    return steer_rows_torch(
-        out,
-        residual,
-        slot_index,
-        row_phases,
-        add_vectors,
-        cap_directions,
-        cap_min,
-        cap_max,
-        ablation_directions,
-        ablation_scales,
-        op_targets,
-        captured,
-        capture,
-    )
+steer_rows_op = torch.library.custom_op("workbench::steer_rows", steer_rows_torch, mutates_args=("captured",))
+"""``torch.ops.workbench.steer_rows``: ``steer_rows_torch`` as an operator, with the Triton kernel for CUDA tensors."""
 
 
 @steer_rows_op.register_fake

@@ -99,13 +99,16 @@ def steer_rows(
     op_targets: Tensor,
     captured: Tensor,
     capture: bool,
-    **_skips: bool,
+    add: bool = True,
+    cap: bool = True,
+    ablation: bool = True,
+    targeted: bool = True,
 ) -> Tensor:
     """The kernel over ``out.shape[0]`` rows; the tables are one layer's
     (``[slots + 1, ...]``, contiguous), ``slot_index`` / ``row_phases`` /
-    ``captured`` have at least as many rows as ``out``. The torch path's
-    ``add`` / ``cap`` / ... flags (ops no row uses) are ignored: in one pass
-    an unused op costs next to nothing."""
+    ``captured`` have at least as many rows as ``out``. The flags saying
+    which ops some row uses (``layer_op.steer_rows_torch`` skips the others)
+    are ignored: in one pass an unused op costs next to nothing."""
     rows, hidden = out.shape
     steered = torch.empty((rows, hidden), dtype=out.dtype, device=out.device)
     if rows:
