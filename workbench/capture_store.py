@@ -12,8 +12,9 @@ On CUDA the step's rows are first copied to pinned host memory on a side
 stream (``HostStaging``; a synchronous copy would stall vLLM's overlap of
 CPU work with the GPU) and a helper thread writes them into the files once
 the copy has landed, so the page faults of fresh shared memory never hold
-up the model's thread. On CPU the rows are written in place before the next step reuses
-the buffers.
+up the model's thread. On CPU the rows are written in place before the next
+step reuses the buffers. Files the client gives back after a fetch are
+written into again by later captures (``FilePool``).
 """
 
 from __future__ import annotations

@@ -4,11 +4,11 @@ A fetch moves hundreds of MB (256 requests x 192 tokens x 4096 x bf16 is
 400 MB per layer); vLLM's RPC channel would serialise and copy that several
 times. Instead the client owns a folder in shared memory (``/dev/shm``), the
 worker writes each capture's rows into files there while generating (see
-``workbench.capture_space``), and at fetch the client maps the files and
-unlinks them: the rows are written once and never copied again. A worker
-that cannot see the folder (another host) sends the rows as safetensors
-bytes in the RPC reply instead. Once the client no longer views a file,
-the worker reuses it (and its memory) for a later capture.
+``workbench.capture_space``), and at fetch the client maps the files: the
+rows are written once and never copied again. Once the client no longer
+views a file, the worker reuses it (and its memory) for a later capture. A
+worker that cannot see the folder (another host) sends the rows as
+safetensors bytes in the RPC reply instead.
 """
 
 from __future__ import annotations
