@@ -99,8 +99,13 @@ class FilePool:
         return path
 
 
+def _file_name(capture_id: str, layer: int) -> str:
+    """Name of a capture's file for one layer (``_layer_of`` reads the layer back)."""
+    return f"{capture_id}-{layer}.rows"
+
+
 def _layer_of(path: Path) -> int:
-    """The layer of a capture file named ``<capture_id>-<layer>.rows``."""
+    """The layer of a capture file named by ``_file_name``."""
     return int(path.stem.rsplit("-", 1)[1])
 
 
@@ -321,7 +326,7 @@ class CaptureStore:
         windows: dict[int, Window] = {}
         try:
             for layer in (layer for layer in payload["layers"] if layer in self.layers):
-                windows[layer] = self._open_file(folder, f"{capture_id}-{layer}.rows", payload["capacity"])
+                windows[layer] = self._open_file(folder, _file_name(capture_id, layer), payload["capacity"])
         except OSError as error:  # RowSpaceError included
             for window in windows.values():
                 self.space.close(window, unlink=True)

@@ -11,8 +11,9 @@ The client then talks to ``WorkbenchWorkerExtension`` through
 ``workbench_load_slots`` stages specs for slots of the tables, and
 ``workbench_fetch_captures`` / ``workbench_release_captures`` hand over or
 drop captured rows, and ``workbench_recycle_capture_files`` gives back the
-files of fetched captures that the client no longer uses. Each request names its slot and capture in
-``SamplingParams.extra_args["workbench"]`` (see ``request_payload``).
+files of fetched captures that the client no longer uses. Each request
+names its slot and capture in ``SamplingParams.extra_args["workbench"]``
+(see ``request_payload``).
 """
 
 from __future__ import annotations
