@@ -80,9 +80,15 @@ def main() -> None:
     slot_index = torch.randint(0, args.slots + 1, (max_tokens,), device=device)
     phases = ops.row_phases(torch.rand(max_tokens, 1, device=device) > 0.5)
     tables = SteeringTables.create(1, args.slots, args.hidden, dtype, device)
-    layer = SteeredDecoderLayer(PassThrough(), 0, StepPlan(eager=False), tables, 0, slot_index, phases, max_tokens)
+    capture_flags = torch.ones(1, dtype=torch.int8, device=device)  # every step captured: the costliest path
+    plan = StepPlan(eager=False)
+    layer = SteeredDecoderLayer(PassThrough(), 0, plan, tables, 0, slot_index, phases, capture_flags, max_tokens)
     for name in ("add_vectors", "cap_directions", "ablation_directions"):
         getattr(layer, name).normal_()
+    # Every slot caps and ablates, so every row takes the full path.
+    layer.cap_min.fill_(-1.0)
+    layer.cap_max.fill_(1.0)
+    layer.ablation_scales.fill_(0.5)
     results = []
     for tokens in args.tokens:
         out = torch.randn(tokens, args.hidden, device=device, dtype=dtype)

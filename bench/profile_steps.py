@@ -10,6 +10,7 @@ throughput means the cost is on the host side.
 
     python bench/profile_steps.py [gpu|cpu]                          # traces under /tmp/workbench-profile
     python bench/profile_steps.py gpu --requests 1 256 --max-tokens 64  # batch-1 and batch-256 decode
+    python bench/profile_steps.py gpu --requests 256 --configs loaded     # one configuration
 
 Both engines use vLLM's V1 model runner and no prefix caching, as in the benchmark.
 """
@@ -29,6 +30,7 @@ from typing import Any
 from bench_steering import PRESETS, random_spec  # noqa: E402  (run from bench/ or with it on sys.path)
 
 OUT = Path("/tmp/workbench-profile")
+CONFIGURATIONS = ["loaded", "add-all", "capture-4"]
 
 
 def summarise(traces: list[Path], steps: int) -> dict[str, Any]:
@@ -92,6 +94,9 @@ async def main() -> None:
     parser.add_argument("preset", nargs="?", choices=sorted(PRESETS), default="gpu")
     parser.add_argument("--requests", type=int, nargs="+", help="batch sizes, one workload each")
     parser.add_argument("--max-tokens", type=int, default=32, help="generated tokens per request")
+    parser.add_argument(
+        "--configs", nargs="+", choices=CONFIGURATIONS, default=CONFIGURATIONS, help="workbench configurations to run"
+    )
     args = parser.parse_args()
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
     preset = PRESETS[args.preset]
@@ -169,7 +174,8 @@ async def main() -> None:
         "capture-4": (SteeringSpec(), [0, 4, 8, 12]),
     }
     for count, prompts in workloads.items():
-        for name, (spec, capture) in configurations.items():
+        for name in args.configs:
+            spec, capture = configurations[name]
             await profiled(
                 f"{name} x{count}",
                 model.engine,

@@ -135,7 +135,8 @@ async def test_graphed_captures_equal_eager_captures(graphs, eager):
 def test_triton_kernel_matches_the_torch_path():
     """The fused kernel computes ``ops.apply_layer_ops`` as the torch path does:
     bit for bit on neutral and add-only rows, within a bf16 step with cap and
-    ablation; the capture buffer gets exactly the output."""
+    ablation; the capture buffer gets exactly the output, and nothing while
+    the layer's capture flag is off."""
     from workbench.layer import SteeringTables
     from workbench.layer_op import steer_rows_torch
     from workbench.triton_steer import steer_rows
@@ -165,9 +166,13 @@ def test_triton_kernel_matches_the_torch_path():
     phases = (1 + torch.arange(rows + 8, device=device) // 7 % 2).to(torch.int8)[:, None]
     args = (slots, phases, *layer.values())
     captured = torch.zeros(rows + 8, hidden, dtype=torch.bfloat16, device=device)
-    expected = steer_rows_torch(out, residual, *args, torch.empty_like(captured), True)
-    result = steer_rows(out, residual, *args, captured, True)
+    flag_on, flag_off = torch.ones(1, dtype=torch.int8, device=device), torch.zeros(1, dtype=torch.int8, device=device)
+    expected = steer_rows_torch(out, residual, *args, torch.empty_like(captured), flag_on, True)
+    result = steer_rows(out, residual, *args, captured, flag_on, True)
+    untouched = torch.zeros_like(captured)
+    assert torch.equal(steer_rows(out, residual, *args, untouched, flag_off, True), result)
 
+    assert not untouched.any()  # the layer's flag is off: no capture write
     assert torch.equal(captured[:rows], result) and not captured[rows:].any()
     exact = slots[:rows] % 4 == 0  # slot 0 (neutral) and slot 4 (add only)
     assert torch.equal(result[exact], expected[exact])

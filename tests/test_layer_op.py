@@ -29,10 +29,11 @@ class Steered(torch.nn.Module):
         self.register_buffer("slot_index", torch.arange(max_rows) % 3)
         self.register_buffer("row_phases", (1 + torch.arange(max_rows) % 2).to(torch.int8)[:, None])
         self.register_buffer("captured", torch.zeros(max_rows, hidden))
+        self.register_buffer("capture_flag", torch.ones(1, dtype=torch.int8))
 
     def tables(self) -> tuple[torch.Tensor, ...]:
         names = ("slot_index", "row_phases", "add_vectors", "cap_directions", "cap_min", "cap_max")
-        names += ("ablation_directions", "ablation_scales", "op_targets", "captured")
+        names += ("ablation_directions", "ablation_scales", "op_targets", "captured", "capture_flag")
         return tuple(getattr(self, name) for name in names)
 
     def forward(self, out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -47,7 +48,9 @@ def test_compiled_custom_op_writes_the_capture_buffer():
     compiled = torch.compile(module, dynamic=True)
     for rows in (5, 9):
         out, residual = torch.randn(rows, 16), torch.randn(rows, 16)
-        expected = steer_rows_torch(out, residual, *module.tables()[:-1], torch.zeros(32, 16), True)
+        expected = steer_rows_torch(
+            out, residual, *module.tables()[:-2], torch.zeros(32, 16), module.capture_flag, True
+        )
         result = compiled(out, residual)
         assert torch.equal(result, expected * 2)
         assert module.captured is buffer and torch.equal(buffer[:rows], expected)

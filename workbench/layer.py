@@ -5,13 +5,15 @@ live in persistent tables with one row per steering *slot* (row 0 is
 neutral: zero vectors, open bounds, scale 1), views of ``SteeringTables``
 which stacks every layer's, and a shared per-token slot index says which row
 each token of the flattened batch uses. The worker fills the tables between
-steps and the slot index before every step, both in place, so the same code
+steps, and the slot index and per-layer capture flags before every step, all
+in place, so the same code
 serves eager mode, torch.compile and CUDA graphs: nothing here branches on
 data.
 
 The ops and the write of the steered stream into a persistent capture buffer
 (the worker copies the step's rows out after the step) run as one operator,
-``workbench.layer_op``: a fused Triton kernel on CUDA, torch ops elsewhere.
+``workbench.layer_op``: a fused Triton kernel on CUDA, which skips the write
+when the layer's capture flag is off, torch ops elsewhere.
 
 In eager mode (no torch.compile, no CUDA graphs) Python runs at every step,
 so a ``StepPlan`` written by the worker before each step lets a layer skip the
@@ -157,6 +159,7 @@ class SteeredDecoderLayer(nn.Module):
         place: int,
         slot_index: Tensor,
         row_phases: Tensor,
+        capture_flags: Tensor,
         max_tokens: int,
     ) -> None:
         super().__init__()
@@ -167,6 +170,7 @@ class SteeredDecoderLayer(nn.Module):
             self.register_buffer(name, table, persistent=False)
         self.register_buffer("slot_index", slot_index, persistent=False)
         self.register_buffer("row_phases", row_phases, persistent=False)
+        self.register_buffer("capture_flag", capture_flags[place : place + 1], persistent=False)
         hidden = tables.add_vectors.shape[-1]
         kw: dict[str, Any] = {"dtype": tables.add_vectors.dtype, "device": tables.add_vectors.device}
         self.register_buffer("captured", torch.zeros(max_tokens, hidden, **kw), persistent=False)
@@ -196,6 +200,7 @@ class SteeredDecoderLayer(nn.Module):
             self.ablation_scales,
             self.op_targets,
             self.captured,
+            self.capture_flag,
         )
         if self.plan.eager or self._steer_rows is layer_op.steer_rows_torch:
             # Eager: the implementation directly. Compiled without a fused kernel

@@ -46,6 +46,7 @@ def steer_rows_torch(
     ablation_scales: Tensor,
     op_targets: Tensor,
     captured: Tensor,
+    capture_flag: Tensor,
     capture: bool,
     add: bool = True,
     cap: bool = True,
@@ -54,7 +55,9 @@ def steer_rows_torch(
 ) -> Tensor:
     """``ops.apply_layer_ops`` on ``out + residual``, each row with its slot's
     table rows; ``add`` / ``cap`` / ``ablation`` / ``targeted`` False skip what
-    no row uses."""
+    no row uses. ``capture`` writes the result into ``captured`` (the fused
+    kernel also reads the layer's ``capture_flag``; this path has no
+    data-dependent branch, so a compiled engine writes it every step)."""
     stream = out + residual
     rows = stream.shape[0]
     slots = slot_index[:rows]

@@ -3,14 +3,15 @@
 Implements ``workbench.ops.apply_layer_ops`` (add, projection cap, ablation,
 in that order, each limited to its positions) on rows of the flattened batch,
 each row with the tables of its slot, and writes the result to the output
-and, optionally, to the layer's capture buffer.
+and, on steps that capture the layer, to its capture buffer.
 
 Why a kernel of its own: left to torch.compile, the ops were fused with the
 next layer's RMSNorm into one looped reduction that read every row three
 times, 20 us per layer at batch 1 on an H200 (the plain norm takes 2 us) and
 ~45 us at 256 rows, plus a separate copy into the capture buffer. Here one
 program holds a row in registers, takes the three dot products in one pass
-and writes twice.
+(only for rows whose slot caps or ablates) and writes once, or twice when
+the layer is captured.
 
 Numerics: the stream ``out + residual`` is rounded to the model's dtype as
 torch rounds it, the ops run in float32 and the result is rounded once.
@@ -34,6 +35,7 @@ def _steer_rows_kernel(
     residual_ptr,
     steered_ptr,
     captured_ptr,
+    capture_flag_ptr,
     slot_ptr,
     phase_ptr,
     add_ptr,
@@ -59,30 +61,39 @@ def _steer_rows_kernel(
     slot = tl.load(slot_ptr + row)
     phase = tl.load(phase_ptr + row).to(tl.int32)
     table = slot * hidden + cols
-    add = tl.load(add_ptr + table, mask=inside, other=0.0).to(tl.float32)
-    cap_direction = tl.load(cap_direction_ptr + table, mask=inside, other=0.0).to(tl.float32)
-    ablation_direction = tl.load(ablation_direction_ptr + table, mask=inside, other=0.0).to(tl.float32)
+    # Target codes (ops.TARGET_CODES): 0 = every row, else the row's phase must match.
+    add_target = tl.load(targets_ptr + slot * 3).to(tl.int32)
+    add_here = (add_target == 0) | (add_target == phase)
+    # Slot 0 is neutral (zero vector): its rows skip the load.
+    add = tl.load(add_ptr + table, mask=inside & (slot != 0) & add_here, other=0.0).to(tl.float32)
+    steered = stream + add
+
     cap_min = tl.load(cap_min_ptr + slot).to(tl.float32)
     cap_max = tl.load(cap_max_ptr + slot).to(tl.float32)
     scale = tl.load(ablation_scale_ptr + slot).to(tl.float32)
-    # Target codes (ops.TARGET_CODES): 0 = every row, else the row's phase must match.
-    add_target = tl.load(targets_ptr + slot * 3).to(tl.int32)
-    cap_target = tl.load(targets_ptr + slot * 3 + 1).to(tl.int32)
-    ablation_target = tl.load(targets_ptr + slot * 3 + 2).to(tl.int32)
-
-    hidden_after_add = stream + tl.where((add_target == 0) | (add_target == phase), add, 0.0)
-    cap_projection = tl.sum(hidden_after_add * cap_direction, axis=0)
-    shift = tl.minimum(tl.maximum(cap_projection, cap_min), cap_max) - cap_projection
-    shift = tl.where((cap_target == 0) | (cap_target == phase), shift, 0.0)
-    ablation_projection = tl.sum(hidden_after_add * ablation_direction, axis=0)
-    ablation_projection += shift * tl.sum(cap_direction * ablation_direction, axis=0)
-    coefficient = tl.where(
-        (ablation_target == 0) | (ablation_target == phase), (scale - 1.0) * ablation_projection, 0.0
-    )
-    steered = (hidden_after_add + shift * cap_direction + coefficient * ablation_direction).to(out.dtype)
+    # Open bounds and scale 1 are exact no-ops (a zero shift and coefficient):
+    # rows without a cap or ablation skip the directions and the reductions.
+    if (cap_min > float("-inf")) | (cap_max < float("inf")) | (scale != 1.0):
+        cap_target = tl.load(targets_ptr + slot * 3 + 1).to(tl.int32)
+        ablation_target = tl.load(targets_ptr + slot * 3 + 2).to(tl.int32)
+        cap_direction = tl.load(cap_direction_ptr + table, mask=inside, other=0.0).to(tl.float32)
+        ablation_direction = tl.load(ablation_direction_ptr + table, mask=inside, other=0.0).to(tl.float32)
+        cap_projection = tl.sum(steered * cap_direction, axis=0)
+        shift = tl.minimum(tl.maximum(cap_projection, cap_min), cap_max) - cap_projection
+        shift = tl.where((cap_target == 0) | (cap_target == phase), shift, 0.0)
+        ablation_projection = tl.sum(steered * ablation_direction, axis=0)
+        ablation_projection += shift * tl.sum(cap_direction * ablation_direction, axis=0)
+        coefficient = tl.where(
+            (ablation_target == 0) | (ablation_target == phase), (scale - 1.0) * ablation_projection, 0.0
+        )
+        steered = steered + shift * cap_direction + coefficient * ablation_direction
+    steered = steered.to(out.dtype)
     tl.store(steered_ptr + row * hidden + cols, steered, mask=inside)
+    # The layer's capture flag (set per step by the worker) spares the write
+    # on steps where no request captures this layer.
     if CAPTURE:
-        tl.store(captured_ptr + row * hidden + cols, steered, mask=inside)
+        if tl.load(capture_flag_ptr) != 0:
+            tl.store(captured_ptr + row * hidden + cols, steered, mask=inside)
 
 
 def steer_rows(
@@ -98,6 +109,7 @@ def steer_rows(
     ablation_scales: Tensor,
     op_targets: Tensor,
     captured: Tensor,
+    capture_flag: Tensor,
     capture: bool,
     add: bool = True,
     cap: bool = True,
@@ -106,9 +118,11 @@ def steer_rows(
 ) -> Tensor:
     """The kernel over ``out.shape[0]`` rows; the tables are one layer's
     (``[slots + 1, ...]``, contiguous), ``slot_index`` / ``row_phases`` /
-    ``captured`` have at least as many rows as ``out``. The flags saying
-    which ops some row uses (``layer_op.steer_rows_torch`` skips the others)
-    are ignored: in one pass an unused op costs next to nothing."""
+    ``captured`` have at least as many rows as ``out``. With ``capture``,
+    the capture buffer is written when the one-element ``capture_flag`` is
+    non-zero. The flags saying which ops some row uses
+    (``layer_op.steer_rows_torch`` skips the others) are ignored: the kernel
+    decides per row from its slot's parameters."""
     rows, hidden = out.shape
     steered = torch.empty((rows, hidden), dtype=out.dtype, device=out.device)
     if rows:
@@ -118,6 +132,7 @@ def steer_rows(
             residual,
             steered,
             captured,
+            capture_flag,
             slot_index,
             row_phases,
             add_vectors,

@@ -170,6 +170,7 @@ class SteeringRuntime:
         tables: SteeringTables,
         slot_index: Tensor,
         row_phases: Tensor,
+        capture_flags: Tensor,
         plan: StepPlan,
         num_slots: int,
     ) -> None:
@@ -179,6 +180,8 @@ class SteeringRuntime:
         """Layer index -> its place in the stacked tables."""
         self.slot_index = StepInputBuffer(slot_index)
         self.row_phases = StepInputBuffer(row_phases)
+        self.capture_flags = StepInputBuffer(capture_flags)
+        """Per local layer (in table order): 1 while a request of the step captures it."""
         self.plan = plan
         self.num_slots = num_slots
         self._slot_use: dict[int, dict[int, LayerUse]] = {}
@@ -193,6 +196,7 @@ class SteeringRuntime:
         self._batch = _BatchPayloads((), [], np.zeros(0, dtype=np.int64), [], frozenset())
         self._written_slots = np.zeros(slot_index.shape[0], dtype=np.int64)
         self._written_phases = np.zeros(row_phases.shape[0], dtype=np.int8)
+        self._written_flags = np.zeros(capture_flags.shape[0], dtype=np.int8)
         """What the device's slot index and phase buffers hold (their leading rows)."""
         self._pending_slots: dict[int, tuple[dict[int, dict[str, Any]], set[int]]] = {}
         """Slot -> (decoded spec, layers to write), written by the next step."""
@@ -200,8 +204,8 @@ class SteeringRuntime:
     # step hooks (called around every forward by the model runner)
 
     def before_step(self, runner: Any) -> None:
-        """Write each row's slot and phase (prompt or generated) for the step
-        about to run. Rows past the step's last are padding whose outputs
+        """Write each row's slot and phase (prompt or generated), and each
+        layer's capture flag, for the step about to run. Rows past the step's last are padding whose outputs
         vLLM drops, so they keep whatever they held.
 
         Per-step host work is kept small, since it competes with vLLM's own
@@ -214,6 +218,9 @@ class SteeringRuntime:
         step = self._step = vi.step_rows(runner)
         if step.req_ids != self._batch.req_ids:
             self._batch = _BatchPayloads.read(runner, step.req_ids)
+            recorded = self._batch.capture_layers if self.records_captures else frozenset()
+            flags = np.array([index in recorded for index in self.layers], dtype=np.int8)
+            self._written_flags = _write_if_changed(self.capture_flags, self._written_flags, flags)
         batch = self._batch
         counts = np.diff(step.starts)
         slots = np.repeat(batch.slot_of, counts)
@@ -309,13 +316,16 @@ def install_steering(model: nn.Module, vllm_config: Any) -> SteeringRuntime:
     row_phases = torch.zeros(max_tokens, 1, dtype=torch.int8, device=device)
     plan = StepPlan(eager=vi.runs_python_every_step(vllm_config))
     local = [index for index, layer in enumerate(layer_list) if not vi.is_missing_layer(layer)]
+    capture_flags = torch.zeros(len(local), dtype=torch.int8, device=device)
     tables = SteeringTables.create(len(local), num_slots, hidden_size, dtype, device)
     steered: dict[int, SteeredDecoderLayer] = {}
     for place, index in enumerate(local):
-        wrapper = SteeredDecoderLayer(layer_list[index], index, plan, tables, place, slot_index, row_phases, max_tokens)
+        wrapper = SteeredDecoderLayer(
+            layer_list[index], index, plan, tables, place, slot_index, row_phases, capture_flags, max_tokens
+        )
         layer_list[index] = wrapper
         steered[index] = wrapper
-    runtime = SteeringRuntime(steered, tables, slot_index, row_phases, plan, num_slots)
+    runtime = SteeringRuntime(steered, tables, slot_index, row_phases, capture_flags, plan, num_slots)
     model.workbench_runtime = runtime
     logger.info(
         "workbench: steering installed on %d layers, %d slots, %s mode",
