@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from workbench import ops
-from workbench.layer import SteeredDecoderLayer, SteeringTables, StepPlan
+from workbench.layer import ALIGNMENT_BYTES, SteeredDecoderLayer, SteeringTables, StepPlan
 
 
 class PassThrough(nn.Module):
@@ -80,7 +80,7 @@ def main() -> None:
     slot_index = torch.randint(0, args.slots + 1, (max_tokens,), device=device)
     phases = ops.row_phases(torch.rand(max_tokens, 1, device=device) > 0.5)
     tables = SteeringTables.create(1, args.slots, args.hidden, dtype, device)
-    capture_flags = torch.ones(1, dtype=torch.int8, device=device)  # every step captured: the costliest path
+    capture_flags = torch.ones(1, ALIGNMENT_BYTES, dtype=torch.int8, device=device)  # captured: the costliest path
     plan = StepPlan(eager=False)
     layer = SteeredDecoderLayer(PassThrough(), 0, plan, tables, 0, slot_index, phases, capture_flags, max_tokens)
     for name in ("add_vectors", "cap_directions", "ablation_directions"):

@@ -40,6 +40,7 @@ def summarise(traces: list[Path], steps: int) -> dict[str, Any]:
     syncs: Counter[str] = Counter()
     runtime_calls: Counter[str] = Counter()
     annotations: Counter[str] = Counter()
+    timeline: list[tuple[float, float, str, dict[str, Any]]] = []
     first, last = float("inf"), 0.0
     for trace in traces:
         opener = gzip.open if trace.suffix == ".gz" else open
@@ -51,6 +52,9 @@ def summarise(traces: list[Path], steps: int) -> dict[str, Any]:
                 kernels[name[:80]] += duration
                 counts[name[:80]] += 1
                 first, last = min(first, event["ts"]), max(last, event["ts"] + duration)
+                args = event.get("args", {})
+                detail = {key: args[key] for key in ("grid", "block", "bytes", "correlation", "stream") if key in args}
+                timeline.append((event["ts"], duration, name[:80], detail))
             elif category == "cuda_runtime":
                 runtime_calls[name] += 1
                 if "Synchronize" in name:
@@ -67,6 +71,8 @@ def summarise(traces: list[Path], steps: int) -> dict[str, Any]:
         "runtime_calls_per_step": {name: round(n / steps, 1) for name, n in runtime_calls.most_common(8)},
         "workbench_hooks_us_per_step": {name: round(us / steps, 1) for name, us in annotations.items()},
         "kernels": kernels,
+        "counts": counts,
+        "timeline": sorted(timeline),
     }
 
 
@@ -185,13 +191,21 @@ async def main() -> None:
     model.close()
 
     kernels = {name: result.pop("kernels") for name, result in results.items()}
+    counts = {name: result.pop("counts") for name, result in results.items()}
+    timelines = {name: result.pop("timeline") for name, result in results.items()}
+    if os.environ.get("OUT"):  # the device tool brings $OUT back: every GPU event, for a closer look
+        for name, timeline in timelines.items():
+            with gzip.open(Path(os.environ["OUT"]) / f"events-{name.replace(' ', '-')}.json.gz", "wt") as handle:
+                json.dump(timeline, handle)
     for name, result in results.items():
         print(f"\n== {name}: {json.dumps(result)}")
         if not name.startswith("plain"):
-            mine, reference = kernels[name], kernels[f"plain x{name.split(' x')[1]}"]
-            diff = {k: (mine.get(k, 0) - reference.get(k, 0)) / args.max_tokens for k in set(mine) | set(reference)}
+            reference = f"plain x{name.split(' x')[1]}"
+            mine, theirs = kernels[name], kernels[reference]
+            diff = {k: (mine.get(k, 0) - theirs.get(k, 0)) / args.max_tokens for k in set(mine) | set(theirs)}
             for kernel, us in sorted(diff.items(), key=lambda item: -abs(item[1]))[:12]:
-                print(f"  {us:+9.1f} us/step  {kernel}")
+                more = (counts[name][kernel] - counts[reference][kernel]) / args.max_tokens
+                print(f"  {us:+9.1f} us/step {more:+7.1f} calls/step  {kernel}")
 
 
 if __name__ == "__main__":

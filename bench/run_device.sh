@@ -18,5 +18,6 @@ case "$1" in
   tests) python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py "${@:2}" ;;
   layer) python3 bench/layer_cost.py "${@:2}" ;;
   profile) PYTHONPATH="$PWD/bench:$PYTHONPATH" python3 bench/profile_steps.py gpu "${@:2}" ;;
-  bench) python3 bench/bench_steering.py --preset gpu "${@:2}" && mkdir -p "$OUT" && cp bench/results/*gpu*.json "$OUT"/ ;;
+  # Only the result just written comes back (the device tool returns at most 8 files).
+  bench) python3 bench/bench_steering.py --preset gpu "${@:2}" && mkdir -p "$OUT" && cp "$(ls -t bench/results/*gpu*.json | head -1)" "$OUT"/ ;;
 esac

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from workbench.layer import SteeringTables
+from workbench.layer import ALIGNMENT_BYTES, SteeredDecoderLayer, SteeringTables, StepPlan
 from workbench.ops import TARGET_CODES
 
 
@@ -46,3 +46,20 @@ def test_layers_hold_views_of_the_stacked_tables():
     view = tables.of_layer(1)["add_vectors"]
     tables.write(places=[1], slots=[2], entries=[{"add": {"vector": torch.ones(3), "positions": "all"}}])
     assert torch.equal(view[2], torch.ones(3))
+
+
+def test_every_layer_view_starts_aligned_for_torch_compile():
+    """Compiled code clones misaligned inputs at every call (five copies per
+    layer and step, seen on an H200): each layer's buffers must start aligned."""
+    layers, max_tokens = 11, 8
+    tables = SteeringTables.create(layers, num_slots=5, hidden=6, dtype=torch.bfloat16, device=torch.device("cpu"))
+    flags = torch.zeros(layers, ALIGNMENT_BYTES, dtype=torch.int8)
+    slot_index, phases = torch.zeros(max_tokens, dtype=torch.long), torch.zeros(max_tokens, 1, dtype=torch.int8)
+    plan = StepPlan(eager=False)
+    for place in range(layers):
+        layer = SteeredDecoderLayer(
+            torch.nn.Identity(), place, plan, tables, place, slot_index, phases, flags, max_tokens
+        )
+        misaligned = [name for name, buffer in layer.named_buffers() if buffer.data_ptr() % ALIGNMENT_BYTES]
+        assert not misaligned, (place, misaligned)
+        assert layer.cap_min.shape[0] > 5  # slot rows 0..5 and padding

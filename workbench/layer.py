@@ -60,9 +60,24 @@ FULL_USE = LayerUse(add=True, cap=True, ablation=True, targeted=True)
 NO_USE = LayerUse()
 
 
+ALIGNMENT_BYTES = 16
+"""torch.compile's generated code assumes its tensor inputs start 16-byte
+aligned and clones, at every call, any that do not. Each layer's views of the
+stacked tables and capture flags are inputs of the compiled model, so each
+must start aligned: misaligned, they cost five small copies per layer and
+step (3% of a batch-1 decode step on an H200)."""
+
+
+def aligned_rows(count: int) -> int:
+    """``count`` rounded up so that ``count`` one-byte elements span whole alignment units."""
+    return -(-count // ALIGNMENT_BYTES) * ALIGNMENT_BYTES
+
+
 @dataclass(frozen=True)
 class SteeringTables:
-    """Every local layer's steering tables, stacked as ``[layers, num_slots + 1, ...]``.
+    """Every local layer's steering tables, stacked as ``[layers, rows, ...]``
+    with ``rows = aligned_rows(num_slots + 1)``: slot 0 is neutral, rows past
+    the last slot stay neutral and pad each layer's view to an aligned start.
 
     Each ``SteeredDecoderLayer`` holds views of its own layer. Slot loads are
     written for all layers and slots at once, one indexed write per table:
@@ -83,7 +98,7 @@ class SteeringTables:
         cls, layers: int, num_slots: int, hidden: int, dtype: torch.dtype, device: torch.device
     ) -> SteeringTables:
         """All rows neutral: zero vectors, open cap bounds, ablation scale 1, no position targets."""
-        shape = (layers, num_slots + 1)
+        shape = (layers, aligned_rows(num_slots + 1))
         host = _neutral_rows(shape, hidden, dtype)
         return cls(**{name: rows.to(device) for name, rows in host.items()})
 
@@ -170,7 +185,7 @@ class SteeredDecoderLayer(nn.Module):
             self.register_buffer(name, table, persistent=False)
         self.register_buffer("slot_index", slot_index, persistent=False)
         self.register_buffer("row_phases", row_phases, persistent=False)
-        self.register_buffer("capture_flag", capture_flags[place : place + 1], persistent=False)
+        self.register_buffer("capture_flag", capture_flags[place, :1], persistent=False)
         hidden = tables.add_vectors.shape[-1]
         kw: dict[str, Any] = {"dtype": tables.add_vectors.dtype, "device": tables.add_vectors.device}
         self.register_buffer("captured", torch.zeros(max_tokens, hidden, **kw), persistent=False)

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from workbench import _vllm_internals as vi
 from workbench.capture_store import CaptureStore
-from workbench.layer import LayerUse, SteeredDecoderLayer, SteeringTables, StepPlan
+from workbench.layer import ALIGNMENT_BYTES, LayerUse, SteeredDecoderLayer, SteeringTables, StepPlan
 from workbench.model_layers import decoder_layer_list
 from workbench.ops import TARGET_CODES as PHASE
 from workbench.specs import SteeringSpec
@@ -181,7 +181,7 @@ class SteeringRuntime:
         self.slot_index = StepInputBuffer(slot_index)
         self.row_phases = StepInputBuffer(row_phases)
         self.capture_flags = StepInputBuffer(capture_flags)
-        """Per local layer (in table order): 1 while a request of the step captures it."""
+        """Per local layer (in table order), first byte: 1 while a request of the step captures it."""
         self.plan = plan
         self.num_slots = num_slots
         self._slot_use: dict[int, dict[int, LayerUse]] = {}
@@ -196,7 +196,7 @@ class SteeringRuntime:
         self._batch = _BatchPayloads((), [], np.zeros(0, dtype=np.int64), [], frozenset())
         self._written_slots = np.zeros(slot_index.shape[0], dtype=np.int64)
         self._written_phases = np.zeros(row_phases.shape[0], dtype=np.int8)
-        self._written_flags = np.zeros(capture_flags.shape[0], dtype=np.int8)
+        self._written_flags = np.zeros(capture_flags.shape, dtype=np.int8)
         """What the device's slot index and phase buffers hold (their leading rows)."""
         self._pending_slots: dict[int, tuple[dict[int, dict[str, Any]], set[int]]] = {}
         """Slot -> (decoded spec, layers to write), written by the next step."""
@@ -219,7 +219,8 @@ class SteeringRuntime:
         if step.req_ids != self._batch.req_ids:
             self._batch = _BatchPayloads.read(runner, step.req_ids)
             recorded = self._batch.capture_layers if self.records_captures else frozenset()
-            flags = np.array([index in recorded for index in self.layers], dtype=np.int8)
+            flags = np.zeros_like(self._written_flags)
+            flags[:, 0] = [index in recorded for index in self.layers]
             self._written_flags = _write_if_changed(self.capture_flags, self._written_flags, flags)
         batch = self._batch
         counts = np.diff(step.starts)
@@ -316,7 +317,8 @@ def install_steering(model: nn.Module, vllm_config: Any) -> SteeringRuntime:
     row_phases = torch.zeros(max_tokens, 1, dtype=torch.int8, device=device)
     plan = StepPlan(eager=vi.runs_python_every_step(vllm_config))
     local = [index for index, layer in enumerate(layer_list) if not vi.is_missing_layer(layer)]
-    capture_flags = torch.zeros(len(local), dtype=torch.int8, device=device)
+    # One aligned row per layer (see layer.ALIGNMENT_BYTES); the flag is its first byte.
+    capture_flags = torch.zeros(len(local), ALIGNMENT_BYTES, dtype=torch.int8, device=device)
     tables = SteeringTables.create(len(local), num_slots, hidden_size, dtype, device)
     steered: dict[int, SteeredDecoderLayer] = {}
     for place, index in enumerate(local):
