@@ -56,10 +56,26 @@ def history_row(name: str, result: dict) -> str:
     return f"| {name} | " + " | ".join(f"{result['ratio_to_plain'][column]:.3f}" for column in HISTORY_COLUMNS) + " |"
 
 
+SKIPS_AND_FLAG_RUN = {
+    "ratio_to_plain": dict(zip(HISTORY_COLUMNS, (0.963, 0.996, 0.983, 0.976, 0.912, 0.930, 0.887, 0.948)))
+}
+"""Session 5's first run (commit 494cc93), as printed on the device: its JSON did
+not come back (the device tool returns at most 8 files, and run_device.sh then
+copied every GPU result; it now copies only the new one)."""
+
+
+def clocks(result: dict) -> str:
+    rows = ["| configuration | SM clock (MHz) | power (W) |", "| --- | ---: | ---: |"]
+    for name, reading in result["gpu_clocks"].items():
+        rows.append(f"| {name} | {reading['sm_clock_mhz']} | {reading['power_w']} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     cpu_eager = load("2026-11-27-cpu-x86_64-2cores-cpu-eager.json")
     cpu_graphs = load("2026-11-27-cpu-x86_64-2cores-cpu-graphs.json")
-    gpu = load("2026-11-27-nvidia-h200-gpu-graphs-kernel-drain.json")
+    gpu = load("2026-11-27-nvidia-h200-gpu-graphs-aligned.json")
+    gpu_eager = load("2026-11-27-nvidia-h200-gpu-eager.json")
     history = [
         ("session 1, run 1", load("session1/2026-11-27-nvidia-h200-gpu-graphs-run1.json")),
         ("session 1, run 2", load("session1/2026-11-27-nvidia-h200-gpu-graphs.json")),
@@ -69,7 +85,9 @@ def main() -> None:
         ("session 3: capture files, 1 writer thread", load("2026-11-27-nvidia-h200-gpu-graphs-capturefiles1.json")),
         ("+ 4 writer threads, unmap after reply", load("2026-11-27-nvidia-h200-gpu-graphs-capturefiles.json")),
         ("session 4: fused Triton kernel, side-stream copies", load("2026-11-27-nvidia-h200-gpu-graphs-kernel.json")),
-        ("+ capture runs wait for their memory release", gpu),
+        ("+ capture runs wait for their memory release", load("2026-11-27-nvidia-h200-gpu-graphs-kernel-drain.json")),
+        ("session 5: kernel skips unused ops and capture writes (printout)", SKIPS_AND_FLAG_RUN),
+        ("+ table views 16-byte aligned", gpu),
     ]
     template = (HERE / "README.template.md").read_text()
     text = template.format(
@@ -83,6 +101,15 @@ def main() -> None:
         gpu_workload=workload(gpu),
         gpu_startup=startup(gpu),
         gpu_table=table(gpu),
+        gpu_clocks=clocks(gpu),
+        gpu_eager_workload=workload(gpu_eager),
+        gpu_eager_startup=startup(gpu_eager),
+        gpu_eager_table=table(gpu_eager),
+        gpu_capture_phases="\n".join(
+            f"- capture {layers.replace('1 layers', '1 layer')}: "
+            + ", ".join(f"{phase} {seconds:.3f} s" for phase, seconds in phases.items())
+            for layers, phases in gpu["capture_phases_s"].items()
+        ),
         gpu_history="\n".join(history_row(name, result) for name, result in history),
     )
     (HERE / "README.md").write_text(text)
