@@ -6,9 +6,8 @@ neutral: zero vectors, open bounds, scale 1), views of ``SteeringTables``
 which stacks every layer's, and a shared per-token slot index says which row
 each token of the flattened batch uses. The worker fills the tables between
 steps, and the slot index and per-layer capture flags before every step, all
-in place, so the same code
-serves eager mode, torch.compile and CUDA graphs: nothing here branches on
-data.
+in place, so the same code serves eager mode, torch.compile and CUDA graphs:
+nothing here branches on data.
 
 The ops and the write of the steered stream into a persistent capture buffer
 (the worker copies the step's rows out after the step) run as one operator,
@@ -69,7 +68,9 @@ step (3% of a batch-1 decode step on an H200)."""
 
 
 def aligned_rows(count: int) -> int:
-    """``count`` rounded up so that ``count`` one-byte elements span whole alignment units."""
+    """``count`` rounded up to a multiple of ``ALIGNMENT_BYTES``: a table with that
+    many rows per layer has a per-layer stride (rows x row bytes) that is a
+    multiple of it, whatever the size of a row."""
     return -(-count // ALIGNMENT_BYTES) * ALIGNMENT_BYTES
 
 
