@@ -154,6 +154,15 @@ class GpuClocks:
         }
 
 
+def add_mode_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--eager`` / ``--graphs`` (``args.eager``: True, False, or None for the platform's default)."""
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--eager", dest="eager", action="store_true", default=None, help="enforce_eager=True for both engines"
+    )
+    mode.add_argument("--graphs", dest="eager", action="store_false", help="compile / CUDA graphs for both engines")
+
+
 async def timed(run: Callable[[], Awaitable[int]]) -> float:
     """Generated tokens per second of one run."""
     start = time.perf_counter()
@@ -376,10 +385,6 @@ if __name__ == "__main__":
     parser.add_argument(
         "--only", help="run only configurations matching this regex (and the plain vLLM they are compared to)"
     )
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument(
-        "--eager", dest="eager", action="store_true", default=None, help="enforce_eager=True for both engines"
-    )
-    mode.add_argument("--graphs", dest="eager", action="store_false", help="compile / CUDA graphs for both engines")
+    add_mode_arguments(parser)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     asyncio.run(main(parser.parse_args()))

@@ -11,6 +11,10 @@ throughput means the cost is on the host side.
     python bench/profile_steps.py [gpu|cpu]                          # traces under /tmp/workbench-profile
     python bench/profile_steps.py gpu --requests 1 256 --max-tokens 64  # batch-1 and batch-256 decode
     python bench/profile_steps.py gpu --requests 256 --configs loaded     # one configuration
+    python bench/profile_steps.py gpu --eager --requests 1 --configs add-all  # both engines eager
+
+Both engines run in the runtime's default mode for the platform (CUDA graphs
+on GPUs, eager on CPU) unless ``--eager`` / ``--graphs`` says otherwise.
 
 Both engines use vLLM's V1 model runner and no prefix caching, as in the benchmark.
 """
@@ -27,7 +31,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from bench_steering import PRESETS, random_spec  # noqa: E402  (run from bench/ or with it on sys.path)
+from bench_steering import PRESETS, add_mode_arguments, random_spec  # noqa: E402  (run from bench/ or with it on sys.path)
 
 OUT = Path("/tmp/workbench-profile")
 CONFIGURATIONS = ["loaded", "add-all", "capture-4"]
@@ -103,8 +107,12 @@ async def main() -> None:
     parser.add_argument(
         "--configs", nargs="+", choices=CONFIGURATIONS, default=CONFIGURATIONS, help="workbench configurations to run"
     )
+    add_mode_arguments(parser)
     args = parser.parse_args()
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    from workbench._vllm_internals import is_cpu_platform
+
+    enforce_eager = is_cpu_platform() if args.eager is None else args.eager  # the runtime's default per platform
     preset = PRESETS[args.preset]
     workloads = {
         count: [[100 + (i * 7 + j) % 30000 for j in range(preset.prompt_tokens)] for i in range(count)]
@@ -141,6 +149,7 @@ async def main() -> None:
             model=resolve_model_name(preset.model),
             load_format=preset.load_format,
             profiler_config=profiler("plain"),
+            enforce_eager=enforce_eager,
             **common,
         )
     )
@@ -164,7 +173,7 @@ async def main() -> None:
         engine_kwargs={key: common[key] for key in engine_only},
         **settings,
     )
-    model = VLLMSteerModel(cfg, profiler_config=profiler("workbench"))
+    model = VLLMSteerModel(cfg, enforce_eager=enforce_eager, profiler_config=profiler("workbench"))
     add_all = random_spec(list(range(model.layer_count)), model.hidden_size, seed=1)
 
     async def run_steered(prompts: list[list[int]], spec: Any, capture: list[int] | None) -> None:

@@ -8,7 +8,7 @@ and, on steps that capture the layer, to its capture buffer.
 Why a kernel of its own: left to torch.compile, the ops were fused with the
 next layer's RMSNorm into one looped reduction that read every row three
 times, 20 us per layer at batch 1 on an H200 (the plain norm takes 2 us) and
-~45 us at 256 rows, plus a separate copy into the capture buffer. Here one
+~45 us at 256 rows. Here one
 program holds a row in registers, takes the three dot products in one pass
 (only for rows whose slot caps or ablates) and writes once, or twice when
 the layer is captured.
