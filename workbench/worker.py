@@ -197,7 +197,7 @@ class SteeringRuntime:
         self._written_slots = np.zeros(slot_index.shape[0], dtype=np.int64)
         self._written_phases = np.zeros(row_phases.shape[0], dtype=np.int8)
         self._written_flags = np.zeros(capture_flags.shape, dtype=np.int8)
-        """What the device's slot index and phase buffers hold (their leading rows)."""
+        """What the device's slot index, phase and capture flag buffers hold (their leading rows)."""
         self._pending_slots: dict[int, tuple[dict[int, dict[str, Any]], set[int]]] = {}
         """Slot -> (decoded spec, layers to write), written by the next step."""
 
@@ -205,8 +205,9 @@ class SteeringRuntime:
 
     def before_step(self, runner: Any) -> None:
         """Write each row's slot and phase (prompt or generated), and each
-        layer's capture flag, for the step about to run. Rows past the step's last are padding whose outputs
-        vLLM drops, so they keep whatever they held.
+        layer's capture flag, for the step about to run. Rows past the step's
+        last are padding whose outputs vLLM drops, so they keep whatever they
+        held.
 
         Per-step host work is kept small, since it competes with vLLM's own
         scheduling: payloads are read again only when the set of requests
