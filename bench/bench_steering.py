@@ -8,7 +8,8 @@ configuration's median relative to plain vLLM's.
     python bench/bench_steering.py --preset cpu            # embedded SmolLM2, this machine
     python bench/bench_steering.py --preset gpu            # Llama-3-8B shape, dummy bf16 weights
 
-Results go to bench/results/<date>-<device>-<preset>.json.
+Results go to bench/results/<date>-<card>-<commit>-<mode>.json (the commit from
+``git`` or ``$WORKBENCH_COMMIT``, for trees copied without their history).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import platform
 import random
 import re
 import statistics
+import subprocess
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -72,6 +74,20 @@ PRESETS = {
         engine_kwargs=(("skip_tokenizer_init", True),),
     ),
 }
+
+
+def commit() -> str:
+    """The measured code's commit (``-dirty`` with uncommitted changes)."""
+    if os.environ.get("WORKBENCH_COMMIT"):
+        return os.environ["WORKBENCH_COMMIT"]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "workbench"], cwd=HERE, capture_output=True)
+    except OSError:
+        return "unknown"
+    if head.returncode:
+        return "unknown"
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
 def device_name() -> str:
@@ -196,7 +212,7 @@ async def main(args: argparse.Namespace) -> None:
         engine_kwargs=engine_kwargs,
     )
     if enforce_eager is None:
-        from workbench._vllm_internals import is_cpu_platform
+        from workbench.config import is_cpu_platform
 
         enforce_eager = is_cpu_platform()
 
@@ -335,6 +351,7 @@ async def main(args: argparse.Namespace) -> None:
     results = {
         "date": dt.date.today().isoformat(),
         "device": device_name(),
+        "commit": commit(),
         "preset": args.preset,
         "workload": {
             "model": preset.model,
@@ -364,7 +381,7 @@ async def main(args: argparse.Namespace) -> None:
     out_dir = HERE / "results"
     out_dir.mkdir(exist_ok=True)
     slug = results["device"].replace(" ", "-").lower()
-    path = out_dir / f"{results['date']}-{slug}-{args.preset}-{mode}.json"
+    path = out_dir / f"{results['date']}-{slug}-{results['commit']}-{mode}.json"
     path.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\n{results['device']} | vLLM {vllm.__version__} | torch {torch.__version__} | {mode}")
     print(f"startup: plain {plain_startup:.1f} s, workbench {steered_startup:.1f} s")

@@ -20,9 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from workbench import transfer
-from workbench.capture_store import CaptureStore
-from workbench.worker import request_payload
+from workbench import transfer, wire
+from workbench.runtime.capture_store import CaptureStore
 
 REQUESTS, PROMPT, GENERATED, HIDDEN = 256, 64, 128, 4096
 
@@ -35,7 +34,7 @@ class Step:
 
 def measure(layers: int) -> list[dict[str, float]]:
     """Two runs on one store: into fresh files, then into the first run's files given back."""
-    folder = transfer.make_folder()
+    folder = wire.make_handoff_folder()
     captured = range(layers)
     store = CaptureStore(frozenset(captured), HIDDEN, torch.bfloat16, torch.device("cpu"))
     buffers = {layer: torch.randn(REQUESTS * PROMPT, HIDDEN).to(torch.bfloat16) for layer in captured}
@@ -44,15 +43,15 @@ def measure(layers: int) -> list[dict[str, float]]:
     results = []
     for run in ("fresh files", "recycled files"):
         ids = [f"{run[0]}{i}" for i in range(REQUESTS)]
-        payloads = [request_payload(1, i, tuple(captured), PROMPT + GENERATED - 1, folder.name) for i in ids]
+        captures = [wire.CaptureRequest(i, tuple(captured), PROMPT + GENERATED - 1, folder.name) for i in ids]
         batch, capturing = object(), list(range(REQUESTS))
         start = time.perf_counter()
         prefill = Step(np.arange(REQUESTS + 1) * PROMPT, np.zeros(REQUESTS, dtype=np.int64))
-        store.record(batch, payloads, capturing, prefill, buffers)
+        store.record(batch, captures, capturing, prefill, buffers)
         prefilled = time.perf_counter()
         for step in range(GENERATED - 1):
             decode = Step(np.arange(REQUESTS + 1), np.full(REQUESTS, PROMPT + step))
-            store.record(batch, payloads, capturing, decode, decode_rows)
+            store.record(batch, captures, capturing, decode, decode_rows)
         decoded = time.perf_counter()
         reply = store.fetch(ids)
         fetched = time.perf_counter()

@@ -22,7 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from workbench import ops
-from workbench.layer import ALIGNMENT_BYTES, SteeredDecoderLayer, SteeringTables, StepPlan
+from workbench.runtime.layer import SteeredDecoderLayer, StepPlan
+from workbench.runtime.steering_tables import ALIGNMENT_BYTES, NO_LAYER, SteeringTables
 
 
 class PassThrough(nn.Module):
@@ -81,8 +82,10 @@ def main() -> None:
     phases = ops.row_phases(torch.rand(max_tokens, 1, device=device) > 0.5)
     tables = SteeringTables.create(1, args.slots, args.hidden, dtype, device)
     capture_flags = torch.ones(1, ALIGNMENT_BYTES, dtype=torch.int8, device=device)  # captured: the costliest path
+    marks = torch.full((max_tokens,), NO_LAYER, dtype=torch.int32, device=device)
     plan = StepPlan(eager=False)
-    layer = SteeredDecoderLayer(PassThrough(), 0, plan, tables, 0, slot_index, phases, capture_flags, max_tokens)
+    layer_tables = tables.of_layer(0, slot_index, phases, capture_flags[0, :1])
+    layer = SteeredDecoderLayer(PassThrough(), 0, plan, layer_tables, marks, max_tokens)
     for name in ("add_vectors", "cap_directions", "ablation_directions"):
         getattr(layer, name).normal_()
     # Every slot caps and ablates, so every row takes the full path.

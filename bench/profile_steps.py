@@ -110,7 +110,7 @@ async def main() -> None:
     add_mode_arguments(parser)
     args = parser.parse_args()
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
-    from workbench._vllm_internals import is_cpu_platform
+    from workbench.config import is_cpu_platform
 
     enforce_eager = is_cpu_platform() if args.eager is None else args.eager  # the runtime's default per platform
     preset = PRESETS[args.preset]
@@ -202,7 +202,7 @@ async def main() -> None:
     kernels = {name: result.pop("kernels") for name, result in results.items()}
     counts = {name: result.pop("counts") for name, result in results.items()}
     timelines = {name: result.pop("timeline") for name, result in results.items()}
-    if os.environ.get("OUT"):  # the device tool brings $OUT back: every GPU event, for a closer look
+    if os.environ.get("OUT"):  # every GPU event, for a closer look
         for name, timeline in timelines.items():
             with gzip.open(Path(os.environ["OUT"]) / f"events-{name.replace(' ', '-')}.json.gz", "wt") as handle:
                 json.dump(timeline, handle)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import time
 
 import torch
 from vllm import SamplingParams
@@ -28,7 +29,10 @@ def parse_args() -> argparse.Namespace:
 
 
 async def main(args: argparse.Namespace) -> None:
+    print(f"starting the engine ({args.model_name}) ...", flush=True)
+    started = time.monotonic()
     model = VLLMSteerModel(VLLMSteeringConfig(model_name=args.model_name, dtype=args.dtype, max_model_len=1024))
+    print(f"engine ready in {time.monotonic() - started:.0f} s ({model.dtype}); generating", flush=True)
     try:
         sampling = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
         baseline = await model.generate(args.prompt, sampling)
@@ -40,8 +44,8 @@ async def main(args: argparse.Namespace) -> None:
     finally:
         model.close()
     print(f"prompt:   {args.prompt!r}")
-    print(f"baseline: {baseline[0]!r}")
-    print(f"steered (layer {args.layer}, |v| = {args.scale:g}): {steered[0]!r}")
+    print(f"baseline: {baseline[0].text!r}")
+    print(f"steered (layer {args.layer}, |v| = {args.scale:g}): {steered[0].text!r}")
     print(f"cleared steering restores the baseline: {restored == baseline}")
 
 

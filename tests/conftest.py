@@ -4,6 +4,7 @@ and the Hugging Face reference model, each started once per test session."""
 from __future__ import annotations
 
 import os
+import traceback
 
 import pytest
 import torch
@@ -26,6 +27,16 @@ LONG_PROMPT = (
     "this changed science, religion and politics, but few doubt that it mattered. Summarise the "
     "argument in one sentence:"
 )
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Once a failure is reported, let go of its frames: a failing test's
+    traceback keeps its locals, and so any engine it started (2-3 GiB each),
+    alive until the session ends."""
+    yield
+    if call.excinfo is not None:
+        traceback.clear_frames(call.excinfo.tb)
 
 
 @pytest.fixture(scope="session")

@@ -15,11 +15,12 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from workbench import CaptureError, CaptureHandle, HandleReleasedError
-from workbench.capture_space import FreeRanges, RowSpace, RowSpaceError
-from workbench.capture_store import RELEASE_GRACE_STEPS, CaptureStore, FilePool, HostLanes
+from workbench import CaptureError, CaptureHandle, CaptureIndexError, CaptureNotFetchedError, HandleReleasedError
+from workbench.errors import RowSpaceError
+from workbench.runtime.capture_space import FreeRanges, RowSpace
+from workbench.runtime.capture_store import RELEASE_GRACE_STEPS, CaptureStore, FilePool, HostLanes
 from workbench.transfer import read_reply
-from workbench.worker import request_payload
+from workbench.wire import CaptureRequest, FetchReply
 
 HIDDEN = 6
 
@@ -40,13 +41,13 @@ def rows_at(positions: list[int], tag: float = 0.0) -> torch.Tensor:
 class Recorder:
     """Feeds a CaptureStore steps of a batch the way the worker's step hook does."""
 
-    def __init__(self, payloads: list[dict | None], threads: int = 0) -> None:
+    def __init__(self, captures: list[CaptureRequest | None], threads: int = 0) -> None:
         self.store = CaptureStore(frozenset(range(8)), HIDDEN, torch.float32, torch.device("cpu"), threads)
-        self.new_batch(payloads)
+        self.new_batch(captures)
 
-    def new_batch(self, payloads: list[dict | None]) -> None:
-        self.payloads = payloads
-        self.capturing = [place for place, payload in enumerate(payloads) if payload and "capture_id" in payload]
+    def new_batch(self, captures: list[CaptureRequest | None]) -> None:
+        self.captures = captures
+        self.capturing = [place for place, capture in enumerate(captures) if capture]
         self.key = object()
 
     def step(self, chunks: list[tuple[int, int]], layers: tuple[int, ...] = (3,)) -> None:
@@ -58,16 +59,17 @@ class Recorder:
             [rows_at(list(range(first, first + count)), 1000.0 * place) for place, (first, count) in enumerate(chunks)]
         )
         buffers = {layer: buffer + 100_000 * layer for layer in layers}
-        self.store.record(self.key, self.payloads, self.capturing, Step(starts, computed), buffers)
+        self.store.record(self.key, self.captures, self.capturing, Step(starts, computed), buffers)
         self.store.tick()
 
-    def fetch(self, ids: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
-        reply = self.store.fetch(ids)
+    def fetch(self, ids: list[str]) -> tuple[dict[tuple[str, int], torch.Tensor], FetchReply]:
+        # Through the wire format, as the client receives it.
+        reply = FetchReply.from_wire(self.store.fetch(ids).to_wire())
         return read_reply(reply, HIDDEN), reply
 
 
-def payload(capture_id: str, folder: Path | None, layers=(3,), capacity: int = 16) -> dict:
-    return request_payload(1, capture_id, layers, capacity, str(folder) if folder else None)
+def payload(capture_id: str, folder: Path | None, layers=(3,), capacity: int = 16) -> CaptureRequest:
+    return CaptureRequest(capture_id, tuple(layers), capacity, str(folder) if folder else None)
 
 
 @pytest.mark.parametrize("threads", [0, 2], ids=["in place", "helper threads"])
@@ -78,10 +80,10 @@ def test_rows_of_interleaved_requests_land_in_their_files(tmp_path, threads):
         recorder.step([(4 + position, 1), (2 + position, 1), (3 + position, 1)], layers=(3, 5))
     assert len(list(tmp_path.iterdir())) == 3  # a/3, a/5, b/3: written while generating
     rows, reply = recorder.fetch(["a", "b"])
-    assert reply["errors"] == {}
-    assert torch.equal(rows["a/3"], rows_at(list(range(8))) + 300_000)
-    assert torch.equal(rows["a/5"], rows_at(list(range(8))) + 500_000)
-    assert torch.equal(rows["b/3"], rows_at(list(range(7)), 2000.0) + 300_000)
+    assert reply.errors == {}
+    assert torch.equal(rows["a", 3], rows_at(list(range(8))) + 300_000)
+    assert torch.equal(rows["a", 5], rows_at(list(range(8))) + 500_000)
+    assert torch.equal(rows["b", 3], rows_at(list(range(7)), 2000.0) + 300_000)
     recorder.store._lanes.drain()  # windows are unmapped after the reply
     assert not any(tmp_path.iterdir())  # the client unlinked the files it mapped
     assert recorder.store.stats() == {"captures": 0, "released": 2, "recycled_files": 0}
@@ -91,7 +93,7 @@ def test_a_pipeline_stage_records_only_its_own_layers(tmp_path):
     recorder = Recorder([payload("a", tmp_path, (3, 12))])  # layer 12 lives on another stage
     recorder.step([(0, 3)], layers=(3,))
     rows, reply = recorder.fetch(["a"])
-    assert set(rows) == {"a/3"} and reply["errors"] == {}
+    assert set(rows) == {("a", 3)} and reply.errors == {}
 
 
 def test_recomputed_rows_replace_what_they_overlap(tmp_path):
@@ -100,14 +102,14 @@ def test_recomputed_rows_replace_what_they_overlap(tmp_path):
     recorder.step([(5, 1)])
     recorder.step([(3, 4)])  # a preempted request recomputed from position 3
     rows, _ = recorder.fetch(["a"])
-    assert torch.equal(rows["a/3"], rows_at(list(range(7))) + 300_000)
+    assert torch.equal(rows["a", 3], rows_at(list(range(7))) + 300_000)
 
 
 def test_gaps_and_overflow_are_reported(tmp_path):
     recorder = Recorder([payload("a", tmp_path), payload("b", tmp_path, capacity=3)])
     recorder.step([(2, 2), (0, 5)])
     _, reply = recorder.fetch(["a", "b"])
-    assert reply["errors"] == {
+    assert reply.errors == {
         "a": "rows from 0 on were never recorded (vLLM skipped or exceeded them)",
         "b": "rows from 3 on were never recorded (vLLM skipped or exceeded them)",
     }
@@ -135,8 +137,8 @@ def test_rows_come_inline_when_the_folder_is_not_visible(tmp_path):
     recorder = Recorder([payload("a", tmp_path / "elsewhere")])
     recorder.step([(0, 3)])
     rows, reply = recorder.fetch(["a"])
-    assert reply["files"] == {} and "data" in reply
-    assert torch.equal(rows["a/3"], rows_at([0, 1, 2]) + 300_000)
+    assert reply.files == {} and reply.inline
+    assert torch.equal(rows["a", 3], rows_at([0, 1, 2]) + 300_000)
 
 
 def test_row_space_reuses_closed_windows(tmp_path):
@@ -188,11 +190,19 @@ def test_helper_lanes_run_jobs_in_order_and_report_errors():
     lanes.drain()
     assert torch.equal(target[:4], rows_at([16, 17, 18, 19]))
     lanes.submit(0, None, partial(target.index_copy_, 0, torch.tensor([99]), rows_at([0])))
-    with pytest.raises(RuntimeError, match="writing captured rows failed"):
+    with pytest.raises(CaptureError, match="writing captured rows failed"):
         lanes.drain()
     lanes.submit(1, None, partial(target.index_copy_, 0, torch.tensor([0]), rows_at([5])))  # still usable afterwards
     lanes.drain()
     assert torch.equal(target[0], rows_at([5])[0])
+
+
+class Owner:
+    """Stands for the model a handle fetches through."""
+
+    async def fetch_captures_batch(self, handles):
+        for handle in handles:
+            handle._set_data({1: torch.zeros(4, 2)})
 
 
 def make_handle(**kw) -> CaptureHandle:
@@ -203,15 +213,32 @@ def make_handle(**kw) -> CaptureHandle:
 
 def test_handle_requires_fetch_and_refuses_after_close():
     handle = make_handle()
-    with pytest.raises(HandleReleasedError, match="not fetched yet"):
+    with pytest.raises(CaptureNotFetchedError, match="Captures not fetched yet"):
         handle.captures  # noqa: B018
     handle._set_data({1: torch.zeros(4, 2)})
     assert handle.hidden(1).shape == (4, 2)
-    with pytest.raises(CaptureError, match="layer 7 was not captured"):
+    with pytest.raises(CaptureIndexError, match=r"layer_idx 7 is not in captured layers \[1\]"):
         handle.hidden(7)
     handle.close()
     with pytest.raises(HandleReleasedError, match="was closed"):
         handle.captures  # noqa: B018
+
+
+async def test_handle_fetch_is_idempotent_and_boundaries_have_design_names():
+    from workbench import MessageBoundary
+
+    owner, handle = Owner(), make_handle()
+    handle._attach(owner, lambda _: None)
+    captures = await handle.fetch()
+    assert await handle.fetch() is captures is handle.captures
+    assert captures[1][0]["hidden"].shape == (4, 2)
+    async with handle:
+        pass
+    assert handle.is_closed
+    with pytest.raises(HandleReleasedError, match="was closed"):
+        await handle.fetch()
+    boundary = MessageBoundary("user", "hi", 3, 7)
+    assert (boundary.start_token, boundary.end_token, boundary.num_tokens) == (3, 7, 4)
 
 
 def test_handle_rejects_wrong_row_counts_and_missing_layers():
@@ -224,7 +251,8 @@ def test_handle_rejects_wrong_row_counts_and_missing_layers():
 def test_dropping_an_unfetched_handle_releases_it():
     released = []
     handle = make_handle()
-    handle._attach_release(released.append)
+    owner = Owner()
+    handle._attach(owner, released.append)
     del handle
     import gc
 
@@ -240,11 +268,11 @@ def test_fetched_files_are_recycled_into_later_captures(tmp_path):
     recorder.step([(0, 6), (0, 4)], layers=(3, 5))
     given_back: list[str] = []
     rows = read_reply(recorder.store.fetch(["a", "b"]), HIDDEN, given_back.append)
-    assert torch.equal(rows["a/3"], rows_at(list(range(6))) + 300_000)
+    assert torch.equal(rows["a", 3], rows_at(list(range(6))) + 300_000)
     recorder.store._lanes.drain()
     inodes = {os.stat(path).st_ino for path in tmp_path.iterdir()}
     assert len(inodes) == 3 and not given_back  # the files stay while the tensors live
-    kept = rows["b/3"][1:3]  # a view keeps its file's memory
+    kept = rows["b", 3][1:3]  # a view keeps its file's memory
     del rows
     assert len(given_back) == 2
     del kept
@@ -258,7 +286,7 @@ def test_fetched_files_are_recycled_into_later_captures(tmp_path):
     assert recorder.store.stats()["recycled_files"] == 2
     assert {os.stat(path).st_ino for path in tmp_path.iterdir()} == inodes
     rows = read_reply(recorder.store.fetch(["c"]), HIDDEN)
-    assert torch.equal(rows["c/3"], rows_at(list(range(3))) + 300_000)
+    assert torch.equal(rows["c", 3], rows_at(list(range(3))) + 300_000)
 
 
 def test_the_file_pool_keeps_the_newest_files_within_its_limit(tmp_path):

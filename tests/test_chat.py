@@ -7,7 +7,7 @@ import torch
 from vllm import SamplingParams
 
 from tests.helpers import assert_rows_match
-from workbench import AddSpec, CaptureError, ChatError, ChatResponse, LayerSteeringSpec, SteeringSpec
+from workbench import AddSpec, CaptureError, CaptureIndexError, ChatError, ChatResponse, LayerSteeringSpec, SteeringSpec
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16)
 HISTORY = [
@@ -48,9 +48,9 @@ async def test_message_slices_are_rows_of_the_full_capture(model):
     with_generated = handle.get_message_activations(3, 9, include_generated=True)
     assert torch.equal(with_generated, full[handle.message_boundaries[3].start :])
     assert with_generated.shape[0] == pieces[3].shape[0] + len(handle.generated_token_ids) - 1
-    with pytest.raises(CaptureError, match="message index 4 is out of range for 4 messages"):
+    with pytest.raises(CaptureIndexError, match="message_idx 4 is out of range for 4 messages"):
         handle.get_message_activations(4, 9)
-    with pytest.raises(CaptureError, match="layer 5 was not captured"):
+    with pytest.raises(CaptureIndexError, match=r"layer_idx 5 is not in captured layers"):
         handle.get_message_activations(0, 5)
     with pytest.raises(CaptureError, match="only applies to the last message"):
         handle.get_message_activations(1, 9, include_generated=True)

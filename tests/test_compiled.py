@@ -11,7 +11,7 @@ from vllm import AsyncEngineArgs, SamplingParams
 from tests.conftest import ENGINE_SETTINGS
 from tests.helpers import assert_rows_match
 from workbench import AddSpec, LayerSteeringSpec, SteeringSpec, VLLMSteeringConfig, VLLMSteerModel
-from workbench.client import engine_args
+from workbench.config import engine_args
 from workbench.hf_reference import generate_reference
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16)

@@ -1,57 +1,81 @@
-"""The custom op ``workbench::steer_rows`` under torch.compile: its write into
-the capture buffer must reach the module's buffer (it is declared mutated),
-and it must give what its torch implementation gives. Runs on CPU, where the op's kernel
-is that torch implementation; the CUDA kernel is compared in test_gpu.py."""
+"""The custom op ``workbench::steer_rows`` under torch.compile: its writes into
+the capture buffer and the inf/NaN marks must reach the module's buffers
+(they are declared mutated), and it must give what its torch implementation
+gives. Runs on CPU, where the op's kernel is that torch implementation; the
+CUDA kernel is compared in test_gpu.py."""
 
 from __future__ import annotations
 
 import torch
 
-from workbench.layer import SteeringTables
-from workbench.layer_op import steer_rows_torch
+from workbench import AddSpec, LayerSteeringSpec, ProjectionCapSpec
+from workbench.runtime.layer_op import steer_rows_torch
+from workbench.runtime.steering_tables import NO_LAYER, LayerTables, SteeringTables
+
+LAYER = 7
 
 
 class Steered(torch.nn.Module):
-    """A layer's tables, slot index, phases and capture buffer as buffers, as in SteeredDecoderLayer."""
+    """A layer's tables, step inputs, capture buffer and marks as buffers, as in SteeredDecoderLayer."""
 
     def __init__(self, hidden: int, max_rows: int) -> None:
         super().__init__()
         torch.manual_seed(0)
-        tables = SteeringTables.create(1, 2, hidden, torch.float32, torch.device("cpu"))
+        tables = SteeringTables.create(1, 3, hidden, torch.float32, torch.device("cpu"))
         direction = torch.nn.functional.normalize(torch.randn(hidden), dim=0)
         entries = [
-            {"add": {"vector": torch.randn(hidden), "positions": "generated"}},
-            {"projection_cap": {"vector": direction, "min": -0.1, "max": 0.1, "positions": "all"}},
+            LayerSteeringSpec(add=AddSpec(torch.randn(hidden), positions="generated")),
+            LayerSteeringSpec(projection_cap=ProjectionCapSpec(direction, min=-0.1, max=0.1)),
+            LayerSteeringSpec(add=AddSpec(torch.full((hidden,), 3e38))),  # beside a stream of 3e38: inf
         ]
-        tables.write([0, 0], [1, 2], entries)
-        for name, table in tables.of_layer(0).items():
+        tables.write([0, 0, 0], [1, 2, 3], entries)
+        slot_index = torch.arange(max_rows) % 3  # slot 3 only where a test asks for it
+        phases = (1 + torch.arange(max_rows) % 2).to(torch.int8)[:, None]
+        layer = tables.of_layer(0, slot_index, phases, torch.ones(1, dtype=torch.int8))
+        for name, table in layer._asdict().items():
             self.register_buffer(name, table)
-        self.register_buffer("slot_index", torch.arange(max_rows) % 3)
-        self.register_buffer("row_phases", (1 + torch.arange(max_rows) % 2).to(torch.int8)[:, None])
         self.register_buffer("captured", torch.zeros(max_rows, hidden))
-        self.register_buffer("capture_flag", torch.ones(1, dtype=torch.int8))
+        self.register_buffer("marks", torch.full((max_rows,), NO_LAYER, dtype=torch.int32))
 
-    def tables(self) -> tuple[torch.Tensor, ...]:
-        names = ("slot_index", "row_phases", "add_vectors", "cap_directions", "cap_min", "cap_max")
-        names += ("ablation_directions", "ablation_scales", "op_targets", "captured", "capture_flag")
-        return tuple(getattr(self, name) for name in names)
+    def tables(self) -> LayerTables:
+        return LayerTables._make(getattr(self, name) for name in LayerTables._fields)
 
     def forward(self, out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        steered = torch.ops.workbench.steer_rows(out, residual, *self.tables(), True)
+        steered = torch.ops.workbench.steer_rows(
+            out, residual, list(self.tables()), self.captured, self.marks, LAYER, True
+        )
         return steered * 2
 
 
 @torch.inference_mode()
-def test_compiled_custom_op_writes_the_capture_buffer():
+def test_compiled_custom_op_writes_the_capture_buffer_and_marks():
     module = Steered(hidden=16, max_rows=32)
+    module.slot_index[4] = 3  # one row whose add overflows float32
     buffer = module.captured
     compiled = torch.compile(module, dynamic=True)
     for rows in (5, 9):
         out, residual = torch.randn(rows, 16), torch.randn(rows, 16)
-        expected = steer_rows_torch(
-            out, residual, *module.tables()[:-2], torch.zeros(32, 16), module.capture_flag, True
-        )
+        out[4] = 3e38
+        marks = torch.full((32,), NO_LAYER, dtype=torch.int32)
+        expected = steer_rows_torch(out, residual, module.tables(), torch.zeros(32, 16), marks, LAYER, True)
         result = compiled(out, residual)
-        assert torch.equal(result, expected * 2)
-        assert module.captured is buffer and torch.equal(buffer[:rows], expected)
+        torch.testing.assert_close(result, expected * 2, rtol=0, atol=0, equal_nan=True)
+        assert not expected[4].isfinite().any()
+        assert module.captured is buffer
+        torch.testing.assert_close(buffer[:rows], expected, rtol=0, atol=0, equal_nan=True)
+        assert module.marks[:rows].tolist() == marks[:rows].tolist()
+        assert module.marks[:rows].tolist() == [NO_LAYER] * 4 + [LAYER] + [NO_LAYER] * (rows - 5)
     assert not torch.equal(expected, out + residual)  # the ops did something
+
+
+def test_marks_keep_the_lowest_layer_and_skip_unsteered_rows():
+    tables = SteeringTables.create(1, 1, 4, torch.float32, torch.device("cpu"))
+    tables.write([0], [1], [LayerSteeringSpec(add=AddSpec(torch.ones(4)))])
+    slot_index = torch.tensor([0, 1, 1])
+    layer = tables.of_layer(0, slot_index, torch.ones(3, 1, dtype=torch.int8), torch.ones(1, dtype=torch.int8))
+    marks = torch.full((3,), NO_LAYER, dtype=torch.int32)
+    stream = torch.tensor([[float("nan")] * 4, [float("inf")] * 4, [0.0] * 4])
+    for index in (5, 3, 9):
+        steer_rows_torch(stream, torch.zeros(3, 4), layer, torch.zeros(3, 4), marks, index, False)
+    # The unsteered row (slot 0) is not steering's doing; the finite row is fine.
+    assert marks.tolist() == [NO_LAYER, 3, NO_LAYER]

@@ -7,6 +7,7 @@ import threading
 
 import pytest
 
+from workbench import WorkbenchError
 from workbench.notebook.bridge import LoopThread
 
 
@@ -60,7 +61,7 @@ def test_run_times_out_instead_of_hanging(bridge):
 def test_run_from_the_loop_thread_itself_is_refused(bridge):
     async def nested():
         inner = where_am_i()
-        with pytest.raises(RuntimeError, match="own loop thread"):
+        with pytest.raises(WorkbenchError, match="own loop thread"):
             bridge.run(inner)
         return "ok"
 

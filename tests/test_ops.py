@@ -1,4 +1,5 @@
-"""Properties of the steering math (workbench.ops)."""
+"""Properties of the steering math (workbench.ops), against the textbook
+definition of each op (the oracles below)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,27 @@ from hypothesis import strategies as st
 from workbench import ops
 
 seeds = st.integers(min_value=0, max_value=2**31 - 1)
+
+
+def add_vector(hidden, vector):
+    return hidden + vector
+
+
+def cap_projection(hidden, direction, low, high):
+    proj = ops.projection(hidden, direction)
+    return hidden + (torch.clamp(proj, min=low, max=high) - proj) * direction
+
+
+def scale_component(hidden, direction, scale):
+    return hidden + (scale - 1.0) * ops.projection(hidden, direction) * direction
+
+
+def cap_only(hidden, direction, low, high):
+    return ops.apply_layer_ops(hidden, None, direction, low, high, None, 1.0)
+
+
+def ablation_only(hidden, direction, scale):
+    return ops.apply_layer_ops(hidden, None, None, None, None, direction, scale)
 
 
 def sample(seed: int, tokens: int = 5, hidden: int = 16):
@@ -22,7 +44,7 @@ def sample(seed: int, tokens: int = 5, hidden: int = 16):
 @given(seed=seeds, low=st.floats(-20, 20), width=st.floats(0, 20))
 def test_cap_keeps_projection_within_bounds_and_orthogonal_part(seed, low, width):
     hidden, direction, _ = sample(seed)
-    capped = ops.cap_projection(hidden, direction, low, low + width)
+    capped = cap_only(hidden, direction, low, low + width)
     proj = ops.projection(capped, direction)
     assert (proj >= low - 1e-9).all() and (proj <= low + width + 1e-9).all()
     orthogonal = lambda h: h - ops.projection(h, direction) * direction  # noqa: E731
@@ -33,8 +55,8 @@ def test_cap_keeps_projection_within_bounds_and_orthogonal_part(seed, low, width
 @given(seed=seeds)
 def test_ablation_scale_one_is_identity_and_zero_removes(seed):
     hidden, direction, _ = sample(seed)
-    assert torch.equal(ops.scale_component(hidden, direction, 1.0), hidden)
-    removed = ops.scale_component(hidden, direction, 0.0)
+    assert torch.equal(ablation_only(hidden, direction, 1.0), hidden)
+    removed = ablation_only(hidden, direction, 0.0)
     assert torch.allclose(ops.projection(removed, direction), torch.zeros(5, 1, dtype=torch.float64), atol=1e-9)
 
 
@@ -42,7 +64,7 @@ def test_ablation_scale_one_is_identity_and_zero_removes(seed):
 @given(seed=seeds, scale=st.floats(-5, 5))
 def test_ablation_scales_the_projection(seed, scale):
     hidden, direction, _ = sample(seed)
-    scaled = ops.scale_component(hidden, direction, scale)
+    scaled = ablation_only(hidden, direction, scale)
     assert torch.allclose(ops.projection(scaled, direction), scale * ops.projection(hidden, direction))
 
 
@@ -50,7 +72,9 @@ def test_ablation_scales_the_projection(seed, scale):
 @given(seed=seeds)
 def test_add_then_subtract_is_identity(seed):
     hidden, _, vector = sample(seed)
-    assert torch.allclose(ops.add_vector(ops.add_vector(hidden, vector), -vector), hidden)
+    added = ops.apply_layer_ops(hidden, vector, None, None, None, None, 1.0)
+    assert torch.equal(added, add_vector(hidden, vector))
+    assert torch.allclose(ops.apply_layer_ops(added, -vector, None, None, None, None, 1.0), hidden)
 
 
 def test_neutral_parameters_are_exact_identities_per_token():
@@ -119,9 +143,9 @@ def test_one_pass_evaluation_equals_the_ops_applied_in_turn(seed, low, width, sc
     )
     expected = hidden
     if use_add:
-        expected = torch.where(masks[0], ops.add_vector(expected, add), expected)
+        expected = torch.where(masks[0], add_vector(expected, add), expected)
     if use_cap:
-        expected = torch.where(masks[1], ops.cap_projection(expected, cap_dir, low, low + width), expected)
+        expected = torch.where(masks[1], cap_projection(expected, cap_dir, low, low + width), expected)
     if use_abl:
-        expected = torch.where(masks[2], ops.scale_component(expected, abl_dir, scale), expected)
+        expected = torch.where(masks[2], scale_component(expected, abl_dir, scale), expected)
     assert torch.allclose(fused, expected, atol=1e-9, rtol=1e-9)

@@ -26,8 +26,8 @@ def test_rows_to_spec_builds_the_described_ops(tmp_path):
     library.save("v", torch.arange(1.0, 7.0))
     rows = [
         RowState(layer=2, op="add", seed=3, scale=5.0),
-        RowState(layer=2, op="cap", source="library", vector_name="v", cap_range=(-1.0, 2.0)),
-        RowState(layer=4, op="ablate", seed=1, scale=0.0),
+        RowState(layer=2, op="projection_cap", source="library", vector_name="v", cap_range=(-1.0, 2.0)),
+        RowState(layer=4, op="ablation", seed=1, scale=0.0),
         RowState(layer=9, op="add", enabled=False),
     ]
     spec = rows_to_spec(rows, hidden_size=6, library=library)
@@ -41,6 +41,9 @@ def test_rows_to_spec_builds_the_described_ops(tmp_path):
     assert spec.layers[4].ablation.scale == 0.0
     with pytest.raises(SpecError, match="no vector named 'missing'"):
         rows_to_spec([RowState(layer=1, source="library", vector_name="missing")], 6, library)
+    # Two rows with one layer and op are refused, not merged (the first used to be dropped silently).
+    with pytest.raises(SpecError, match="two rows set 'add' on layer 2"):
+        rows_to_spec([RowState(layer=2, scale=120.0), RowState(layer=2, scale=-50.0)], 6, library)
 
 
 @pytest.fixture(scope="module")
@@ -127,8 +130,8 @@ def test_spec_file_session_and_figure_export(bench, tmp_path):
     bench.steering.load().result(60)  # a file becomes editor rows, then is applied
     assert [(r.layer.value, r.op.value, r.positions.value) for r in bench.steering.rows] == [
         (2, "add", "generated"),
-        (2, "cap", "all"),
-        (7, "ablate", "all"),
+        (2, "projection_cap", "all"),
+        (7, "ablation", "all"),
     ]
     assert_spec_close(model.export_steering_spec(), spec)
 

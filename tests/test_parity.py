@@ -31,10 +31,10 @@ def build_spec(kind: str, hf, token_ids: list[int]) -> SteeringSpec:
     random = lambda: torch.randn(576, generator=generator)  # noqa: E731
     if kind == "add":
         return SteeringSpec({3: LayerSteeringSpec(add=AddSpec(random(), scale=6.0))})
-    if kind == "cap":
+    if kind == "projection_cap":
         direction = mean_direction(hf[0], token_ids, 5)
         return SteeringSpec({5: LayerSteeringSpec(projection_cap=ProjectionCapSpec(direction, min=-2.0, max=2.0))})
-    if kind == "ablate":
+    if kind == "ablation":
         direction = mean_direction(hf[0], token_ids, 8)
         return SteeringSpec({8: LayerSteeringSpec(ablation=AblationSpec(direction, scale=0.0))})
     assert kind == "all"
@@ -59,7 +59,7 @@ async def test_unsteered_captures_and_tokens_match_hf(model, hf, prompt):
         assert_rows_match(hidden, reference.captures[layer])
 
 
-@pytest.mark.parametrize("kind", ["add", "cap", "ablate", "all"])
+@pytest.mark.parametrize("kind", ["add", "projection_cap", "ablation", "all"])
 async def test_each_op_matches_hf(model, hf, kind):
     prompt = "Write a short poem about the sea."
     token_ids = model.tokenizer(prompt).input_ids

@@ -170,12 +170,12 @@ async def test_worker_rpc_times_out_instead_of_hanging(model):
 def random_spec(rng: random.Random, seed: int) -> SteeringSpec:
     layers = {}
     for layer in rng.sample(range(LAYERS), rng.randint(1, 4)):
-        op = rng.choice(["add", "cap", "ablation", "all"])
+        op = rng.choice(["add", "projection_cap", "ablation", "all"])
         positions = rng.choice(["all", "prompt", "generated"])
         direction = vector(seed * 100 + layer)
         layers[layer] = LayerSteeringSpec(
             add=AddSpec(direction, scale=rng.uniform(0.5, 3.0), positions=positions) if op in ("add", "all") else None,
-            projection_cap=ProjectionCapSpec(direction, min=-2.0, max=2.0) if op in ("cap", "all") else None,
+            projection_cap=ProjectionCapSpec(direction, min=-2.0, max=2.0) if op in ("projection_cap", "all") else None,
             ablation=AblationSpec(vector(seed * 100 + layer + 50), scale=rng.uniform(0.0, 0.5))
             if op in ("ablation", "all")
             else None,

@@ -1,38 +1,57 @@
 """workbench: steering and activation capture on vLLM, and a Jupyter workbench over it.
 
-The runtime (this package minus ``workbench.notebook``) imports no UI code.
+The client API (this package's top level) runs in your process; the code in
+``workbench.runtime`` runs inside vLLM's worker processes; ``workbench.wire``
+is all that crosses between the two. ``workbench.notebook`` is the
+JupyterLab workbench; nothing else imports UI code.
+
+Importing workbench sets vLLM's log level to WARNING unless you chose one
+(``WORKBENCH_LOG_LEVEL=INFO`` or ``VLLM_LOGGING_LEVEL`` brings its log back).
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-from workbench.capture import CaptureHandle, MessageBoundary
-from workbench.chat import ChatResponse
-from workbench.embedded import DEFAULT_MODEL_NAME
-from workbench.errors import (
+from workbench.logs import quiet_vllm
+
+quiet_vllm()
+
+from workbench.capture import CaptureHandle, MessageBoundary  # noqa: E402
+from workbench.chat import ChatResponse  # noqa: E402
+from workbench.completion import Completion  # noqa: E402
+from workbench.config import VLLMSteeringConfig  # noqa: E402
+from workbench.embedded import DEFAULT_MODEL_NAME  # noqa: E402
+from workbench.errors import (  # noqa: E402
     CaptureError,
+    CaptureIndexError,
+    CaptureNotFetchedError,
     ChatError,
+    DtypeRangeError,
     EmbeddedModelError,
     EngineClosedError,
+    EngineConfigError,
     EngineDeadError,
+    EngineStartError,
+    EngineTimeoutError,
     HandleReleasedError,
     HiddenSizeError,
     LayerIndexError,
     PromptError,
+    RowSpaceError,
+    SessionError,
     SpecError,
+    UnsupportedModelError,
     WorkbenchError,
     WorkerTimeoutError,
 )
-from workbench.specs import AblationSpec, AddSpec, LayerSteeringSpec, ProjectionCapSpec, SteeringSpec
-
-_LAZY = {"VLLMSteerModel", "VLLMSteeringConfig"}
+from workbench.specs import AblationSpec, AddSpec, LayerSteeringSpec, ProjectionCapSpec, SteeringSpec  # noqa: E402
 
 
 def __getattr__(name: str) -> object:
-    # The client imports vLLM; keep `import workbench` light for spec and HF-only use.
-    if name in _LAZY:
-        from workbench import client
+    # The client imports vLLM's engine; keep `import workbench` light for spec and HF-only use.
+    if name == "VLLMSteerModel":
+        from workbench.client import VLLMSteerModel
 
-        return getattr(client, name)
+        return VLLMSteerModel
     raise AttributeError(f"module 'workbench' has no attribute {name!r}")
 
 
@@ -42,23 +61,33 @@ __all__ = [
     "AddSpec",
     "CaptureError",
     "CaptureHandle",
-    "ChatResponse",
+    "CaptureIndexError",
+    "CaptureNotFetchedError",
     "ChatError",
+    "ChatResponse",
+    "Completion",
+    "DtypeRangeError",
     "EmbeddedModelError",
     "EngineClosedError",
+    "EngineConfigError",
     "EngineDeadError",
-    "PromptError",
-    "WorkerTimeoutError",
+    "EngineStartError",
+    "EngineTimeoutError",
     "HandleReleasedError",
     "HiddenSizeError",
     "LayerIndexError",
     "LayerSteeringSpec",
     "MessageBoundary",
     "ProjectionCapSpec",
+    "PromptError",
+    "RowSpaceError",
+    "SessionError",
     "SpecError",
     "SteeringSpec",
+    "UnsupportedModelError",
     "VLLMSteerModel",
     "VLLMSteeringConfig",
     "WorkbenchError",
+    "WorkerTimeoutError",
     "__version__",
 ]

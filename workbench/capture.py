@@ -1,21 +1,26 @@
 """Captured activations as the caller sees them.
 
 ``CaptureHandle`` is what ``generate``/``chat`` return per capturing request:
-the request's identity and token ids, and after
-``VLLMSteerModel.fetch_captures_batch`` its tensors. A handle releases its
-data when closed or garbage-collected, fetched or not. (The worker side, which
-records the rows, is ``workbench.capture_store``.)
+the request's identity and token ids, and after ``await handle.fetch()`` (or
+``VLLMSteerModel.fetch_captures_batch`` for many) its tensors. A handle
+releases its data when closed or garbage-collected, fetched or not. (The
+worker side, which records the rows, is ``workbench.runtime.capture_store``.)
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from torch import Tensor
 
-from workbench.errors import CaptureError, HandleReleasedError
+from workbench.errors import CaptureError, CaptureIndexError, CaptureNotFetchedError, HandleReleasedError
+
+
+class _Fetcher(Protocol):
+    def fetch_captures_batch(self, handles: Sequence[CaptureHandle]) -> Coroutine[Any, Any, None]: ...
 
 
 @dataclass(frozen=True)
@@ -30,6 +35,16 @@ class MessageBoundary:
     @property
     def num_tokens(self) -> int:
         return self.end - self.start
+
+    @property
+    def start_token(self) -> int:
+        """``start`` under the design project's name."""
+        return self.start
+
+    @property
+    def end_token(self) -> int:
+        """``end`` under the design project's name."""
+        return self.end
 
 
 @dataclass(eq=False)
@@ -47,12 +62,15 @@ class CaptureHandle:
     prompt_token_ids: tuple[int, ...]
     generated_token_ids: tuple[int, ...] = ()
     message_boundaries: tuple[MessageBoundary, ...] = ()
-    _data: dict[int, Tensor] | None = field(default=None, repr=False)
-    _released: bool = field(default=False, repr=False)
+    _data: dict[int, list[dict[str, Tensor]]] | None = field(default=None, repr=False)
+    _closed: bool = field(default=False, repr=False)
     _finalizer: weakref.finalize | None = field(default=None, repr=False)
+    _model: Callable[[], _Fetcher | None] = field(default=lambda: None, repr=False)
 
-    def _attach_release(self, release: Callable[[str], None]) -> None:
-        """Arrange for the worker-side rows to be freed if this handle is dropped unfetched."""
+    def _attach(self, model: _Fetcher, release: Callable[[str], None]) -> None:
+        """Fetch through ``model`` (held weakly), and free the worker-side rows
+        with ``release`` if this handle is dropped unfetched."""
+        self._model = weakref.ref(model)
         self._finalizer = weakref.finalize(self, release, self.capture_id)
 
     @property
@@ -62,6 +80,21 @@ class CaptureHandle:
     @property
     def is_fetched(self) -> bool:
         return self._data is not None
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closed
+
+    async def fetch(self) -> dict[int, list[dict[str, Tensor]]]:
+        """Fetch this capture's rows (once; later calls return the same ``captures``)."""
+        if self._data is None:
+            if self._closed:
+                raise HandleReleasedError(f"capture handle {self.capture_id} was closed")
+            model = self._model()
+            if model is None:
+                raise HandleReleasedError(f"the model of capture handle {self.capture_id} is gone")
+            await model.fetch_captures_batch([self])
+        return self.captures
 
     def _set_data(self, data: dict[int, Tensor]) -> None:
         if self._finalizer is not None:
@@ -76,24 +109,24 @@ class CaptureHandle:
                     f"expected {self.expected_rows} (prompt {len(self.prompt_token_ids)} + "
                     f"generated {len(self.generated_token_ids)} - 1)"
                 )
-        self._data = data
+        self._data = {layer: [{"hidden": hidden}] for layer, hidden in data.items()}
 
     @property
     def captures(self) -> dict[int, list[dict[str, Tensor]]]:
         """``{layer: [{"hidden": tensor}]}``; raises until fetched and after ``close()``."""
-        if self._released:
+        if self._closed:
             raise HandleReleasedError(f"capture handle {self.capture_id} was closed")
         if self._data is None:
-            raise HandleReleasedError(
-                f"capture handle {self.capture_id} is not fetched yet; "
-                "call `await model.fetch_captures_batch(handles)` first"
+            raise CaptureNotFetchedError(
+                f"Captures not fetched yet (capture {self.capture_id}); "
+                "call `await handle.fetch()` or `await model.fetch_captures_batch(handles)` first"
             )
-        return {layer: [{"hidden": hidden}] for layer, hidden in self._data.items()}
+        return self._data
 
     def hidden(self, layer: int) -> Tensor:
         """Shortcut for ``captures[layer][0]["hidden"]`` with a clear error for a layer not captured."""
         if layer not in self.layer_indices:
-            raise CaptureError(f"layer {layer} was not captured; captured layers: {list(self.layer_indices)}")
+            raise CaptureIndexError(f"layer_idx {layer!r} is not in captured layers {list(self.layer_indices)}")
         return self.captures[layer][0]["hidden"]
 
     def get_message_activations(self, message_idx: int, layer_idx: int, include_generated: bool = False) -> Tensor:
@@ -104,7 +137,7 @@ class CaptureHandle:
             raise CaptureError("this capture has no message boundaries; they come with model.chat()")
         count = len(self.message_boundaries)
         if isinstance(message_idx, bool) or not isinstance(message_idx, int) or not -count <= message_idx < count:
-            raise CaptureError(f"message index {message_idx!r} is out of range for {count} messages")
+            raise CaptureIndexError(f"message_idx {message_idx!r} is out of range for {count} messages")
         index = message_idx % count
         boundary = self.message_boundaries[index]
         hidden = self.hidden(layer_idx)
@@ -117,8 +150,14 @@ class CaptureHandle:
         return hidden[boundary.start :]
 
     def close(self) -> None:
-        """Free this capture's memory here and in the workers."""
+        """Free this capture's memory here and in the workers (safe to call again)."""
         self._data = None
-        self._released = True
+        self._closed = True
         if self._finalizer is not None:
             self._finalizer()
+
+    async def __aenter__(self) -> CaptureHandle:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()

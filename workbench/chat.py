@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from workbench.capture import MessageBoundary
+from workbench.completion import Completion
 from workbench.errors import ChatError
 
 ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
@@ -28,14 +29,14 @@ ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
 Conversation = Sequence[Mapping[str, Any]]
 
 
-class ChatResponse(str):
+class ChatResponse(Completion):
     """A chat reply: the generated text (what ``str()`` gives), plus the
-    assistant prefill it continues, if any."""
+    assistant prefill it continues, if any (and ``Completion.nonfinite_layer``)."""
 
     prefill: str
 
-    def __new__(cls, generated: str, prefill: str = "") -> ChatResponse:
-        response = super().__new__(cls, generated)
+    def __new__(cls, generated: str, prefill: str = "", nonfinite_layer: int | None = None) -> ChatResponse:
+        response = super().__new__(cls, generated, nonfinite_layer)
         response.prefill = prefill
         return response
 
@@ -56,7 +57,8 @@ class ChatResponse(str):
         return {"role": "assistant", "content": self.full_text()}
 
     def __repr__(self) -> str:
-        return f"ChatResponse(generated={self.generated!r}, prefill={self.prefill!r})"
+        flag = "" if self.nonfinite_layer is None else f", nonfinite_layer={self.nonfinite_layer}"
+        return f"ChatResponse(generated={self.generated!r}, prefill={self.prefill!r}{flag})"
 
 
 def split_conversations(messages: Any) -> tuple[list[list[dict[str, Any]]], bool]:

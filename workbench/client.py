@@ -1,122 +1,63 @@
 """The client API: ``VLLMSteerModel`` over vLLM's ``AsyncLLM``.
 
 No tensor math here: specs are validated and encoded, requests are tagged
-with their steering slot and capture id, and captured rows are fetched from
-the workers. Steering state is a value (a ``SteeringSpec``): each request
-snapshots the state current when it is submitted (or takes its own
-``steering_spec=``), so setters neither wait for nor alter requests in flight.
+with their steering slot and capture (``workbench.wire``), and captured rows
+are fetched from the workers. Steering state is a value (a
+``SteeringSpec``): each request snapshots the state current when it is
+submitted (or takes its own ``steering_spec=``), so setters neither wait
+for nor alter requests in flight.
+
+vLLM is imported with this module, not inside a call: importing it keeps
+some exceptions it caught, whose tracebacks would hold the importing call's
+frame (and so the model being built) alive after ``del model``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import os
 import uuid
 import weakref
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
+from vllm import SamplingParams
+from vllm.v1.engine.async_llm import AsyncLLM
 
-from workbench import __version__, transfer
-from workbench import _vllm_internals as vi
+from workbench import transfer, wire
 from workbench.capture import CaptureHandle, MessageBoundary
 from workbench.chat import ChatResponse, format_conversation, split_conversations
-from workbench.embedded import DEFAULT_MODEL_NAME, resolve_model_name
+from workbench.completion import Completion
+from workbench.config import VLLMSteeringConfig, engine_args, is_cpu_platform
 from workbench.errors import (
     CaptureError,
     EngineClosedError,
     EngineDeadError,
+    EngineStartError,
     HandleReleasedError,
     PromptError,
     SpecError,
     WorkbenchError,
     WorkerTimeoutError,
 )
+from workbench.logs import EngineOutput
 from workbench.slots import SlotTable
 from workbench.specs import AblationSpec, AddSpec, ProjectionCapSpec, SteeringSpec, check_layer_index
-from workbench.worker import (
-    INNER_LOAD_FORMAT_KEY,
-    LOAD_FORMAT,
-    SETTINGS_KEY,
-    encode_spec,
-    request_payload,
-)
+
+__all__ = ["VLLMSteerModel", "VLLMSteeringConfig"]
 
 logger = logging.getLogger(__name__)
 
 ENGINE_POLL_S = 0.5
 """How often a pending worker call checks whether the engine has died."""
 
-CPU_KV_CACHE_BYTES = 2 << 30
-"""KV cache of a CPU engine unless VLLM_CPU_KVCACHE_SPACE or kv_cache_memory_bytes says otherwise."""
-
-_RUNTIME_SOURCES = ("ops.py", "layer.py", "layer_op.py", "triton_steer.py", "worker.py", "_vllm_internals.py")
-
-
-def runtime_salt() -> str:
-    """Hash of the code that runs inside vLLM's forward. It goes into vLLM's
-    ``additional_config`` and hence into its compile-cache key, so a steered
-    engine never reuses a graph compiled without (or with older) steering
-    code, and plain vLLM never picks up ours."""
-    digest = hashlib.sha256(__version__.encode())
-    here = Path(__file__).parent
-    for name in _RUNTIME_SOURCES:
-        digest.update((here / name).read_bytes())
-    return digest.hexdigest()[:16]
-
-
-@dataclass
-class VLLMSteeringConfig:
-    """Engine settings. ``model_name`` is a Hugging Face name or path, or the
-    embedded default ``smollm2-135m-instruct``."""
-
-    model_name: str = DEFAULT_MODEL_NAME
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.9
-    max_model_len: int = 2048
-    dtype: str = "auto"
-    max_steering_slots: int = 64
-    """Distinct steering specs that can run at once (requests beyond it wait)."""
-    load_format: str = "auto"
-    """vLLM load format of the weights (``dummy`` for benchmarks)."""
-    seed: int = 0
-    rpc_timeout_s: float = 300.0
-    """Longest wait for a worker RPC (loading a spec, fetching captures) before
-    ``WorkerTimeoutError``; generation itself has no time limit."""
-    engine_kwargs: dict[str, Any] = field(default_factory=dict)
-    """Further ``AsyncEngineArgs`` fields."""
-
-
-def engine_args(cfg: VLLMSteeringConfig, enforce_eager: bool, **engine_kwargs: Any) -> Any:
-    """The ``AsyncEngineArgs`` of a steered engine: vLLM's own settings plus our
-    load format, worker extension and compile-cache salt."""
-    from vllm import AsyncEngineArgs
-
-    engine_kwargs = {**cfg.engine_kwargs, **engine_kwargs}
-    if vi.is_cpu_platform() and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
-        # On CPU, vLLM otherwise reserves gpu_memory_utilization of *host*
-        # memory, so a second engine in the same machine cannot start.
-        engine_kwargs.setdefault("kv_cache_memory_bytes", CPU_KV_CACHE_BYTES)
-    return AsyncEngineArgs(
-        model=resolve_model_name(cfg.model_name),
-        tensor_parallel_size=cfg.tensor_parallel_size,
-        gpu_memory_utilization=cfg.gpu_memory_utilization,
-        max_model_len=cfg.max_model_len,
-        dtype=cfg.dtype,
-        seed=cfg.seed,
-        enforce_eager=enforce_eager,
-        load_format=LOAD_FORMAT,
-        model_loader_extra_config={INNER_LOAD_FORMAT_KEY: cfg.load_format},
-        worker_extension_cls="workbench.worker.WorkbenchWorkerExtension",
-        additional_config={SETTINGS_KEY: {"num_slots": cfg.max_steering_slots, "runtime": runtime_salt()}},
-        **engine_kwargs,
-    )
+Prompts = str | Sequence[int] | Sequence[str | Sequence[int]]
+Specs = SteeringSpec | Sequence[SteeringSpec | None] | None
 
 
 class VLLMSteerModel:
@@ -135,7 +76,7 @@ class VLLMSteerModel:
 
         model = VLLMSteerModel(VLLMSteeringConfig())
         await model.set_layer_vector(4, torch.randn(model.hidden_size) * 8)
-        texts = await model.generate("Once upon a time", SamplingParams(max_tokens=16))
+        texts = await model.generate("Once upon a time", max_tokens=16)
     """
 
     def __init__(
@@ -145,25 +86,34 @@ class VLLMSteerModel:
         enforce_eager: bool | None = None,
         **engine_kwargs: Any,
     ) -> None:
-        from vllm.v1.engine.async_llm import AsyncLLM
-
         self.cfg = cfg = cfg or VLLMSteeringConfig()
         # vLLM reads these when it starts its engine processes, which inherit them.
-        for key, value in vi.required_env().items():
+        for key, value in wire.ENGINE_ENV.items():
             if os.environ.get(key, value) != value:
                 logger.warning("workbench needs %s=%s (was %s); overriding", key, value, os.environ[key])
             os.environ[key] = value
-        for key, value in vi.default_env().items():
+        for key, value in wire.ENGINE_ENV_DEFAULTS.items():
             os.environ.setdefault(key, value)
         if enforce_eager is None:
-            enforce_eager = vi.is_cpu_platform()
+            enforce_eager = is_cpu_platform()
         self.enforce_eager = enforce_eager
         args = engine_args(cfg, enforce_eager, **engine_kwargs)
         self._model_path = args.model
-        self._engine = AsyncLLM.from_engine_args(args)
+        self._output = EngineOutput(cfg.log_file)
+        try:
+            with self._output.attached():
+                self._engine = AsyncLLM.from_engine_args(args)
+        except Exception as error:
+            self._output.drain()
+            reason = self._output.failure_reason() or f"{type(error).__name__}: {error}"
+            where = f"; the engine's log is in {cfg.log_file}" if cfg.log_file else ""
+            raise EngineStartError(
+                f"the vLLM engine for {cfg.model_name!r} failed to start: {reason}{where}"
+            ) from error
         model_config = self._engine.model_config
         self._hidden_size = model_config.get_hidden_size()
         self._layer_count = model_config.get_total_num_hidden_layers()
+        self._dtype: torch.dtype = model_config.dtype
         self._prefix_caching = bool(self._engine.vllm_config.cache_config.enable_prefix_caching)
         self._spec = SteeringSpec()
         self._stack: list[SteeringSpec] = []
@@ -175,8 +125,9 @@ class VLLMSteerModel:
         self._pending_items: dict[str, dict[str, None]] = {}
         """Worker method -> items queued for it in this turn of the event loop (releases, recycled files)."""
         self._pending_loads: list[tuple[int, dict[str, Any], asyncio.Future[None]]] = []
+        self._pending_nonfinite: dict[str, asyncio.Future[int | None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._handoff = transfer.make_folder()
+        self._handoff = wire.make_handoff_folder()
         self._handoff_folder: str | None = self._handoff.name
         """Where workers write capture files (if they cannot see it, rows come inline in the fetch reply)."""
         self._closed = False
@@ -195,6 +146,11 @@ class VLLMSteerModel:
         return self._layer_count
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the model computes in (and its residual stream holds)."""
+        return self._dtype
+
+    @property
     def model_name(self) -> str:
         """The name or path the engine loaded (the converted checkpoint for the embedded model)."""
         return self._model_path
@@ -208,6 +164,19 @@ class VLLMSteerModel:
         """The underlying ``vllm.v1.engine.async_llm.AsyncLLM``."""
         return self._engine
 
+    @property
+    def is_closed(self) -> bool:
+        return self._closed
+
+    @property
+    def is_alive(self) -> bool:
+        """Not closed, and the engine's processes are running."""
+        return not self._closed and not self._engine.errored
+
+    def engine_log_tail(self) -> list[str]:
+        """The last lines the engine processes printed (see ``VLLMSteeringConfig.log_file``)."""
+        return self._output.tail()
+
     # -- lifecycle ---------------------------------------------------------
 
     async def _ensure_ready(self) -> None:
@@ -218,7 +187,7 @@ class VLLMSteerModel:
         async with self._setup_lock:
             if not self._setup_done:
                 self._loop = asyncio.get_running_loop()
-                await self._rpc("workbench_setup")
+                await self._rpc(wire.Rpc.SETUP)
                 self._setup_done = True
 
     def close(self) -> None:
@@ -242,10 +211,10 @@ class VLLMSteerModel:
     def _check_spec(self, spec: Any) -> SteeringSpec:
         if not isinstance(spec, SteeringSpec):
             raise SpecError(f"expected a SteeringSpec, got {type(spec).__name__}")
-        spec.validate_for(self._hidden_size, self._layer_count)
+        spec.validate_for(self._hidden_size, self._layer_count, self._dtype)
         return spec
 
-    def _capture_layers(self, capture_layers: Sequence[int] | None) -> tuple[int, ...]:
+    def _capture_layers(self, capture_layers: Sequence[int] | int | None) -> tuple[int, ...]:
         if capture_layers is None:
             return ()
         if isinstance(capture_layers, int):
@@ -259,54 +228,52 @@ class VLLMSteerModel:
 
     async def generate(
         self,
-        prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
+        prompts: Prompts,
         sampling_params: Any = None,
-        capture_layers: Sequence[int] | None = None,
-        steering_spec: SteeringSpec | Sequence[SteeringSpec | None] | None = None,
+        *,
+        capture_layers: Sequence[int] | int | None = None,
+        steering_spec: Specs = None,
         raw_output: bool = False,
+        **sampling_kwargs: Any,
     ) -> list[Any] | tuple[list[Any], list[CaptureHandle]]:
         """Generate one completion per prompt (a string or a list of token ids).
 
+        Sampling comes from ``sampling_params`` or from keyword arguments
+        (``temperature=``, ``max_tokens=``, ...), not both.
         ``steering_spec`` is one spec for every prompt or a list with one per
-        prompt (``None`` entries use the current steering state). Returns the
-        texts (vLLM ``RequestOutput``s with ``raw_output=True``), or
-        ``(texts, handles)`` when ``capture_layers`` is given.
+        prompt (``None`` entries use the current steering state). Returns
+        ``Completion``s (strings; vLLM ``RequestOutput``s with
+        ``raw_output=True``), or ``(texts, handles)`` when ``capture_layers``
+        is given.
         """
+        params = resolve_sampling(sampling_params, sampling_kwargs)
         token_ids = self._tokenize_prompts(prompts)
-        outputs = await self._generate_tokens(token_ids, sampling_params, capture_layers, steering_spec)
-        texts = [output if raw_output else output.outputs[0].text for output, _ in outputs]
+        outputs = await self._generate_tokens(token_ids, params, capture_layers, steering_spec)
+        texts = [output if raw_output else Completion(output.outputs[0].text, broken) for output, _, broken in outputs]
         if capture_layers is None:
             return texts
-        return texts, [handle for _, handle in outputs if handle is not None]
+        return texts, [handle for _, handle, _ in outputs if handle is not None]
 
     async def chat(
         self,
         messages: Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str, Any]]],
         sampling_params: Any = None,
-        capture_layers: Sequence[int] | None = None,
-        chat_options: Mapping[str, Any] | None = None,
+        *,
+        capture_layers: Sequence[int] | int | None = None,
+        steering_spec: Specs = None,
         raw_output: bool = False,
-        steering_spec: SteeringSpec | Sequence[SteeringSpec | None] | None = None,
+        chat_options: Mapping[str, Any] | None = None,
         **sampling_kwargs: Any,
     ) -> list[Any] | tuple[list[Any], list[CaptureHandle]]:
         """Reply to one conversation (a list of ``{"role", "content"}`` dicts) or a batch of them.
 
-        Sampling comes from ``sampling_params`` or from keyword arguments
-        (``temperature=``, ``max_tokens=``, ...), not both. ``chat_options``
-        go to the chat template (``add_generation_prompt``,
-        ``continue_final_message`` for an assistant prefill, ``chat_template``,
-        ...). Returns ``ChatResponse``s (vLLM ``RequestOutput``s with
-        ``raw_output=True``), or ``(responses, handles)`` with
-        ``capture_layers``; handles carry ``message_boundaries``.
+        Takes what ``generate`` takes, plus ``chat_options`` for the chat
+        template (``add_generation_prompt``, ``continue_final_message`` for an
+        assistant prefill, ``chat_template``, ...). Returns ``ChatResponse``s
+        (vLLM ``RequestOutput``s with ``raw_output=True``), or ``(responses,
+        handles)`` with ``capture_layers``; handles carry ``message_boundaries``.
         """
-        from vllm import SamplingParams
-
-        if sampling_params is not None and sampling_kwargs:
-            raise TypeError(
-                f"pass sampling_params or sampling keyword arguments ({', '.join(sampling_kwargs)}), not both"
-            )
-        if sampling_params is None:
-            sampling_params = SamplingParams(**sampling_kwargs)
+        params = resolve_sampling(sampling_params, sampling_kwargs)
         conversations, _ = split_conversations(messages)
         tokenizer = self.tokenizer
         formatted = [
@@ -315,18 +282,21 @@ class VLLMSteerModel:
         ]
         outputs = await self._generate_tokens(
             [f.token_ids for f in formatted],
-            sampling_params,
+            params,
             capture_layers,
             steering_spec,
             [f.boundaries for f in formatted],
         )
         if raw_output:
-            responses: list[Any] = [output for output, _ in outputs]
+            responses: list[Any] = [output for output, _, _ in outputs]
         else:
-            responses = [ChatResponse(output.outputs[0].text, f.prefill) for (output, _), f in zip(outputs, formatted)]
+            responses = [
+                ChatResponse(output.outputs[0].text, f.prefill, broken)
+                for (output, _, broken), f in zip(outputs, formatted)
+            ]
         if capture_layers is None:
             return responses
-        return responses, [handle for _, handle in outputs if handle is not None]
+        return responses, [handle for _, handle, _ in outputs if handle is not None]
 
     def _tokenize_prompts(self, prompts: Any) -> list[list[int]]:
         if isinstance(prompts, str) or (prompts and all(isinstance(t, int) for t in prompts)):
@@ -347,19 +317,15 @@ class VLLMSteerModel:
     async def _generate_tokens(
         self,
         token_ids: list[list[int]],
-        sampling_params: Any,
-        capture_layers: Sequence[int] | None,
-        steering_spec: SteeringSpec | Sequence[SteeringSpec | None] | None,
+        params: Any,
+        capture_layers: Sequence[int] | int | None,
+        steering_spec: Specs,
         boundaries: Sequence[tuple[MessageBoundary, ...]] | None = None,
-    ) -> list[tuple[Any, CaptureHandle | None]]:
-        """Run tokenised prompts; returns vLLM ``RequestOutput``s with their capture handles."""
-        from vllm import SamplingParams
-
+    ) -> list[tuple[Any, CaptureHandle | None, int | None]]:
+        """Run tokenised prompts; returns vLLM ``RequestOutput``s with their
+        capture handles and the layer where steering broke the stream, if it did."""
         await self._ensure_ready()
         self._check_alive()
-        params = sampling_params if sampling_params is not None else SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"sampling_params must be a vllm.SamplingParams, got {type(params).__name__}")
         layers = self._capture_layers(capture_layers)
         if layers and params.n != 1:
             raise CaptureError(f"capture needs SamplingParams.n == 1, got n={params.n}")
@@ -377,9 +343,7 @@ class VLLMSteerModel:
             )
         )
 
-    def _per_request_specs(
-        self, steering_spec: SteeringSpec | Sequence[SteeringSpec | None] | None, count: int
-    ) -> list[SteeringSpec]:
+    def _per_request_specs(self, steering_spec: Specs, count: int) -> list[SteeringSpec]:
         current = self._spec
         if steering_spec is None or isinstance(steering_spec, SteeringSpec):
             return [self._check_spec(steering_spec or current)] * count
@@ -395,23 +359,24 @@ class VLLMSteerModel:
         spec: SteeringSpec,
         layers: tuple[int, ...],
         boundaries: tuple[MessageBoundary, ...] = (),
-    ) -> tuple[Any, CaptureHandle | None]:
+    ) -> tuple[Any, CaptureHandle | None, int | None]:
         capture_id = uuid.uuid4().hex if layers else None
         request_id = f"wb-{uuid.uuid4().hex}"
+        steered = not spec.is_empty()
         slot = await self._slots.acquire(spec)
         try:
+            capture = None
+            if capture_id is not None:
+                capacity = self._capture_capacity(len(token_ids), params)
+                capture = wire.CaptureRequest(capture_id, layers, capacity, self._handoff_folder)
+            payload = wire.RequestPayload(slot=slot, tag=request_id if steered else None, capture=capture)
             request_params = params.clone()
-            request_params.extra_args = {
-                **(params.extra_args or {}),
-                vi.EXTRA_ARGS_KEY: request_payload(
-                    slot, capture_id, layers, self._capture_capacity(len(token_ids), params), self._handoff_folder
-                ),
-            }
+            request_params.extra_args = payload.to_extra_args(params.extra_args)
             if layers:
                 # Cached prefix blocks are never recomputed, so their rows would be missing.
                 request_params.skip_reading_prefix_cache = True
             prompt: dict[str, Any] = {"prompt_token_ids": token_ids}
-            if self._prefix_caching and not spec.is_empty():
+            if self._prefix_caching and steered:
                 # KV blocks computed under one steering must not serve another.
                 prompt["cache_salt"] = spec.fingerprint
             final = None
@@ -423,6 +388,14 @@ class VLLMSteerModel:
             raise
         finally:
             await self._slots.release(slot)
+        broken = await self._nonfinite_layer(request_id) if steered else None
+        if broken is not None:
+            logger.warning(
+                "steering broke the residual stream of request %s at layer %d (inf, NaN, or too large for "
+                "the next layer's norm); its text is not the model's: lower the scale there",
+                request_id,
+                broken,
+            )
         handle = None
         if capture_id is not None:
             handle = CaptureHandle(
@@ -433,13 +406,39 @@ class VLLMSteerModel:
                 generated_token_ids=tuple(final.outputs[0].token_ids),
                 message_boundaries=boundaries,
             )
-            handle._attach_release(_weak_callback(self, "_release_soon"))
-        return final, handle
+            handle._attach(self, _weak_callback(self, "_release_soon"))
+        return final, handle, broken
 
     def _capture_capacity(self, prompt_tokens: int, params: Any) -> int:
         """Rows a request can produce: every token it can hold but the last sampled one."""
         limit = self.cfg.max_model_len
         return min(prompt_tokens + (params.max_tokens or limit), limit) - 1
+
+    async def _nonfinite_layer(self, tag: str) -> int | None:
+        """Where steering broke this finished request's stream (``Rpc.TAKE_NONFINITE``),
+        asked together with the other requests finishing in this turn of the event loop."""
+        future = asyncio.get_running_loop().create_future()
+        if not self._pending_nonfinite:
+            self._track(asyncio.ensure_future(self._flush_nonfinite()))
+        self._pending_nonfinite[tag] = future
+        return await future
+
+    async def _flush_nonfinite(self) -> None:
+        await asyncio.sleep(0)
+        pending, self._pending_nonfinite = self._pending_nonfinite, {}
+        try:
+            replies = await self._rpc(wire.Rpc.TAKE_NONFINITE, list(pending))
+        except BaseException as error:
+            for future in pending.values():
+                if not future.done():
+                    future.set_exception(error)
+            if not isinstance(error, Exception):
+                raise
+            return
+        found = {tag: layer for reply in replies for tag, layer in reply.items()}
+        for tag, future in pending.items():
+            if not future.done():
+                future.set_result(found.get(tag))
 
     async def _load_slot(self, slot: int, spec: SteeringSpec) -> None:
         """Load ``spec`` into ``slot`` in the workers. Loads asked for in the same
@@ -450,14 +449,14 @@ class VLLMSteerModel:
         future = asyncio.get_running_loop().create_future()
         if not self._pending_loads:
             self._track(asyncio.ensure_future(self._flush_loads()))
-        self._pending_loads.append((slot, encode_spec(spec), future))
+        self._pending_loads.append((slot, wire.encode_spec(spec), future))
         await future
 
     async def _flush_loads(self) -> None:
         await asyncio.sleep(0)
         loads, self._pending_loads = self._pending_loads, []
         try:
-            await self._rpc("workbench_load_slots", [(slot, payload) for slot, payload, _ in loads])
+            await self._rpc(wire.Rpc.LOAD_SLOTS, [(slot, payload) for slot, payload, _ in loads])
         except BaseException as error:
             for *_, future in loads:
                 if not future.done():
@@ -484,8 +483,10 @@ class VLLMSteerModel:
         **options: Any,
     ) -> Any:
         """Run ``prompt`` (or a conversation) once per scale of ``vector`` at
-        ``layer``, all in one batch; returns a pandas DataFrame (see
-        ``workbench.sweep.run_sweep`` for the options and columns)."""
+        ``layer``, all in one batch; returns a pandas DataFrame. Keyword
+        options are those of ``workbench.sweep.run_sweep`` (op, positions,
+        base_spec, ...) and sampling keywords as in ``generate``
+        (``max_tokens=``, ``temperature=``, ...)."""
         from workbench.sweep import run_sweep
 
         self._check_layer(layer)
@@ -504,19 +505,19 @@ class VLLMSteerModel:
         await self._ensure_ready()
         pending = [handle for handle in handles if not handle.is_fetched]
         for handle in pending:
-            if handle._released:
+            if handle.is_closed:
                 raise HandleReleasedError(f"capture handle {handle.capture_id} was closed")
         if not pending:
             return
-        replies = await self._rpc("workbench_fetch_captures", [handle.capture_id for handle in pending])
+        replies = await self._rpc(wire.Rpc.FETCH_CAPTURES, [handle.capture_id for handle in pending])
         layers: dict[str, dict[int, Tensor]] = {handle.capture_id: {} for handle in pending}
         errors: dict[str, str] = {}
         recycle = _weak_callback(self, "_recycle_soon", _delete_file)
-        for reply in replies:
-            for key, tensor in transfer.read_reply(reply, self._hidden_size, recycle).items():
-                capture_id, layer = key.split("/")
-                layers[capture_id][int(layer)] = tensor
-            errors.update(reply["errors"])
+        for wire_reply in replies:
+            reply = wire.FetchReply.from_wire(wire_reply)
+            for (capture_id, layer), tensor in transfer.read_reply(reply, self._hidden_size, recycle).items():
+                layers[capture_id][layer] = tensor
+            errors.update(reply.errors)
         # Every handle that came back whole gets its rows, even when others did not.
         incomplete, unknown = [], []
         for handle in pending:
@@ -540,12 +541,12 @@ class VLLMSteerModel:
 
     def _release_soon(self, capture_id: str) -> None:
         """Free a capture in the workers; safe to call from any thread or a finaliser."""
-        self._send_soon("workbench_release_captures", capture_id)
+        self._send_soon(wire.Rpc.RELEASE_CAPTURES, capture_id)
 
     def _recycle_soon(self, path: str) -> None:
         """Give a fetched capture's file back to the workers for later captures
         (called once no tensor views it); deleted instead once the engine is gone."""
-        if not self._send_soon("workbench_recycle_capture_files", path):
+        if not self._send_soon(wire.Rpc.RECYCLE_CAPTURE_FILES, path):
             _delete_file(path)
 
     def _send_soon(self, method: str, item: str) -> bool:
@@ -577,13 +578,15 @@ class VLLMSteerModel:
         """Per-worker counts of captures held (for leak checks), after the
         workers' queued capture work (writes, releases) has finished."""
         await self._ensure_ready()
-        return await self._rpc("workbench_stats")
+        return await self._rpc(wire.Rpc.STATS)
 
     def _check_alive(self) -> None:
         if self._engine.errored:
+            reason = self._output.failure_reason()
             raise EngineDeadError(
-                "the vLLM engine's processes died (see the log above for why); "
-                "start a new VLLMSteerModel, or call workbench.notebook.get_engine() to restart it"
+                "the vLLM engine's processes died"
+                + (f" ({reason})" if reason else "")
+                + "; start a new VLLMSteerModel, or call workbench.notebook.get_engine() to restart it"
             )
 
     async def _rpc(self, method: str, *args: Any) -> list[Any]:
@@ -621,7 +624,7 @@ class VLLMSteerModel:
         self._check_layer(layer)
         await self.apply_steering_spec(self._spec.with_layer(layer, **ops))
 
-    async def set_layer_vector(self, layer_idx: int, vector: Any, scale: float = 1.0) -> None:
+    async def set_layer_vector(self, layer_idx: int, vector: Any, *, scale: float = 1.0) -> None:
         """Add ``vector * scale`` to the residual stream after layer ``layer_idx``."""
         await self._set_layer(layer_idx, add=AddSpec(vector=vector, scale=scale))
 
@@ -629,17 +632,17 @@ class VLLMSteerModel:
         """Choose the layer that ``set_vector`` steers."""
         self._target_layer = self._check_layer(layer_idx)
 
-    async def set_vector(self, vector: Any, scale: float = 1.0) -> None:
+    async def set_vector(self, vector: Any, *, scale: float = 1.0) -> None:
         """``set_layer_vector`` on the layer chosen with ``set_target_layer``."""
         if self._target_layer is None:
             raise WorkbenchError("no target layer; call set_target_layer(layer) first")
-        await self.set_layer_vector(self._target_layer, vector, scale)
+        await self.set_layer_vector(self._target_layer, vector, scale=scale)
 
     async def clear_layer_vector(self, layer_idx: int) -> None:
         await self._set_layer(layer_idx, add=None)
 
     async def set_layer_projection_cap(
-        self, layer_idx: int, vector: Any, min: float | None = None, max: float | None = None
+        self, layer_idx: int, vector: Any, *, min: float | None = None, max: float | None = None
     ) -> None:
         """Clamp the projection on ``vector`` (normalised) after layer ``layer_idx`` to ``[min, max]``."""
         await self._set_layer(layer_idx, projection_cap=ProjectionCapSpec(vector=vector, min=min, max=max))
@@ -647,7 +650,7 @@ class VLLMSteerModel:
     async def clear_layer_projection_cap(self, layer_idx: int) -> None:
         await self._set_layer(layer_idx, projection_cap=None)
 
-    async def set_layer_ablation(self, layer_idx: int, vector: Any, scale: float = 0.0) -> None:
+    async def set_layer_ablation(self, layer_idx: int, vector: Any, *, scale: float = 0.0) -> None:
         """Scale the component along ``vector`` (normalised) after layer ``layer_idx``."""
         await self._set_layer(layer_idx, ablation=AblationSpec(vector=vector, scale=scale))
 
@@ -681,6 +684,18 @@ class VLLMSteerModel:
             yield spec
         finally:
             await self.pop_steering_spec()
+
+
+def resolve_sampling(sampling_params: Any, sampling_kwargs: Mapping[str, Any], **defaults: Any) -> Any:
+    """The ``SamplingParams`` of a call: given, or built from keyword arguments
+    over ``defaults`` (not both)."""
+    if sampling_params is not None and sampling_kwargs:
+        raise TypeError(f"pass sampling_params or sampling keyword arguments ({', '.join(sampling_kwargs)}), not both")
+    if sampling_params is None:
+        return SamplingParams(**{**defaults, **sampling_kwargs})
+    if not isinstance(sampling_params, SamplingParams):
+        raise TypeError(f"sampling_params must be a vllm.SamplingParams, got {type(sampling_params).__name__}")
+    return sampling_params
 
 
 def _weak_callback(

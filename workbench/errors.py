@@ -1,17 +1,26 @@
 """Exceptions raised by workbench.
 
-    WorkbenchError                      base of everything raised on purpose
-    ├── SpecError (ValueError)          a steering spec or vector is malformed
-    │   ├── HiddenSizeError             a vector's size differs from the model's hidden size
-    │   └── LayerIndexError (IndexError) a layer index outside the model
-    ├── CaptureError                    capture requested or read wrongly
-    │   └── HandleReleasedError         a capture handle whose data was released
-    ├── ChatError (ValueError)          a conversation cannot be formatted
+    WorkbenchError                          base of everything raised on purpose
+    ├── SpecError (ValueError)              a steering spec or vector is malformed
+    │   ├── HiddenSizeError                 a vector's size differs from the model's hidden size
+    │   ├── LayerIndexError (IndexError)    a layer index outside the model
+    │   └── DtypeRangeError                 a value the model's dtype cannot hold
+    ├── CaptureError                        capture requested or read wrongly
+    │   ├── HandleReleasedError             a capture handle whose data was released
+    │   ├── CaptureNotFetchedError (RuntimeError)  rows read before they were fetched
+    │   ├── CaptureIndexError (ValueError, IndexError)  a message or layer not in the capture
+    │   └── RowSpaceError (OSError)         the worker cannot store captured rows
+    ├── ChatError (ValueError)              a conversation cannot be formatted
     ├── PromptError (ValueError, TypeError) a prompt is empty, too long or not text/token ids
-    ├── EngineClosedError (RuntimeError) the model was used after close()
-    ├── EngineDeadError (RuntimeError)   the engine's processes died
-    ├── WorkerTimeoutError (TimeoutError) a worker RPC got no answer in time
-    └── EmbeddedModelError (RuntimeError) the embedded model cannot be prepared
+    ├── EngineClosedError (RuntimeError)    the model was used after close()
+    ├── EngineDeadError (RuntimeError)      the engine's processes died
+    ├── EngineStartError (RuntimeError)     the engine failed to start (vLLM's reason inside)
+    ├── EngineConfigError (ValueError)      the running notebook engine has another configuration
+    ├── EngineTimeoutError (TimeoutError)   an engine call did not finish in time
+    │   └── WorkerTimeoutError              a worker RPC got no answer in time
+    ├── SessionError (ValueError)           a saved workbench session is missing or malformed
+    ├── UnsupportedModelError (TypeError)   a model whose decoder layers cannot be steered exactly
+    └── EmbeddedModelError (RuntimeError)   the embedded model cannot be prepared
 
 Every message names the offending value, so a notebook user sees what to fix.
 """
@@ -35,12 +44,29 @@ class LayerIndexError(SpecError, IndexError):
     """A layer index is outside the model."""
 
 
+class DtypeRangeError(SpecError):
+    """A vector, scale or bound holds values the model's dtype cannot represent
+    in the residual stream (they would turn it into inf or NaN)."""
+
+
 class CaptureError(WorkbenchError):
     """A capture was requested or read in a way that cannot work."""
 
 
 class HandleReleasedError(CaptureError):
-    """The capture handle's data has been released or never fetched."""
+    """The capture handle's data has been released (closed, or fetched elsewhere)."""
+
+
+class CaptureNotFetchedError(CaptureError, RuntimeError):
+    """The capture's rows were read before ``fetch()`` / ``fetch_captures_batch``."""
+
+
+class CaptureIndexError(CaptureError, ValueError, IndexError):
+    """A message index or layer that the capture does not have."""
+
+
+class RowSpaceError(CaptureError, OSError):
+    """The worker could not map capture rows (address space or shared memory exhausted)."""
 
 
 class ChatError(WorkbenchError, ValueError):
@@ -61,8 +87,29 @@ class EngineDeadError(WorkbenchError, RuntimeError):
     ``workbench.notebook.get_engine()``, which restarts it)."""
 
 
-class WorkerTimeoutError(WorkbenchError, TimeoutError):
+class EngineStartError(WorkbenchError, RuntimeError):
+    """The engine failed to start; the message carries vLLM's own reason."""
+
+
+class EngineConfigError(WorkbenchError, ValueError):
+    """The kernel's running engine was started with another configuration."""
+
+
+class EngineTimeoutError(WorkbenchError, TimeoutError):
+    """An engine call did not finish within its time limit."""
+
+
+class WorkerTimeoutError(EngineTimeoutError):
     """A worker RPC got no answer within ``VLLMSteeringConfig.rpc_timeout_s``."""
+
+
+class SessionError(WorkbenchError, ValueError):
+    """A saved workbench session folder is missing, incomplete or malformed."""
+
+
+class UnsupportedModelError(WorkbenchError, TypeError):
+    """The model's decoder layers cannot be found, or steered exactly; the
+    engine refuses it at start-up rather than serve wrong numbers."""
 
 
 class EmbeddedModelError(WorkbenchError, RuntimeError):

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from workbench import ops
 from workbench.embedded import DEFAULT_MODEL_NAME, resolve_model_name
+from workbench.errors import SpecError
 from workbench.model_layers import decoder_layer_list
 from workbench.specs import LayerSteeringSpec, SteeringSpec
 
@@ -93,10 +94,10 @@ def steering_hooks(model: nn.Module, spec: SteeringSpec, prompt_length: int | No
     count the rows they see, so use one block per sequence (batch size 1).
     """
     layers = decoder_layer_list(model)
-    spec.validate_for(model.config.hidden_size, len(layers))
+    spec.validate_for(model.config.hidden_size, len(layers), next(model.parameters()).dtype)
     targeted = any(op.positions != "all" for layer in spec.layers.values() for _, op in layer.ops())
     if targeted and prompt_length is None:
-        raise ValueError("this spec targets prompt or generated tokens; pass prompt_length")
+        raise SpecError("this spec targets prompt or generated tokens; pass prompt_length")
     handles = [
         layers[index].register_forward_hook(_layer_hook(layer, prompt_length if targeted else None))
         for index, layer in spec.layers.items()

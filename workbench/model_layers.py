@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from workbench.errors import UnsupportedModelError
+
 
 def decoder_layer_list(model: nn.Module) -> nn.ModuleList:
     """The outermost ``ModuleList`` named ``layers`` (``model.model.layers`` in
@@ -14,7 +16,7 @@ def decoder_layer_list(model: nn.Module) -> nn.ModuleList:
         if name.rsplit(".", 1)[-1] == "layers" and isinstance(module, nn.ModuleList)
     ]
     if not found:
-        raise TypeError(
+        raise UnsupportedModelError(
             f"{type(model).__name__} has no ModuleList named 'layers'; workbench supports "
             "decoder-only models that keep their blocks in one"
         )

@@ -6,7 +6,7 @@ the Hugging Face reference with one spec's vectors (``[H]``) and plain floats.
 Broadcasting makes the two the same code.
 
 On CUDA the engine runs ``apply_layer_ops`` as one fused Triton kernel
-(``workbench.triton_steer``), a second implementation of the same formulas;
+(``workbench.runtime.triton_steer``), a second implementation of the same formulas;
 the GPU tests hold it to this one (bit-equal where no cap or ablation acts).
 
 Every op is exactly the identity for its neutral parameters (zero add vector,
@@ -15,6 +15,8 @@ bit-identical hidden states.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -25,28 +27,23 @@ def projection(hidden: Tensor, direction: Tensor) -> Tensor:
     return (hidden * direction).sum(dim=-1, keepdim=True)
 
 
-def add_vector(hidden: Tensor, vector: Tensor) -> Tensor:
-    """Additive steering: ``hidden + vector``."""
-    return hidden + vector
+def stream_limit(dtype: torch.dtype) -> float:
+    """The largest magnitude a residual-stream value can take in ``dtype``:
+    the dtype's own maximum, and at most sqrt(float32 max) (1.8e19), since the
+    next layer's norm squares the stream in float32: beyond that the norm
+    overflows and zeroes the row, and the model's output is lost (with no inf
+    or NaN in the stream itself)."""
+    return min(torch.finfo(dtype).max, math.sqrt(torch.finfo(torch.float32).max))
 
 
-def cap_projection(
-    hidden: Tensor,
-    direction: Tensor,
-    min: float | Tensor | None,
-    max: float | Tensor | None,
-) -> Tensor:
-    """Clamp the projection on a unit ``direction`` to ``[min, max]``, leaving
-    the orthogonal part of ``hidden`` untouched."""
-    proj = projection(hidden, direction)
-    return hidden + (torch.clamp(proj, min=min, max=max) - proj) * direction
+def broken_rows(hidden: Tensor) -> Tensor:
+    """Rows (``[T]`` bool) holding inf, NaN or a value beyond ``stream_limit``."""
+    return ~(hidden.abs() <= stream_limit(hidden.dtype)).all(dim=-1)
 
 
-def scale_component(hidden: Tensor, direction: Tensor, scale: float | Tensor) -> Tensor:
-    """Multiply the component along a unit ``direction`` by ``scale`` (0 removes
-    it, 1 is the identity, >1 amplifies)."""
-    return hidden + (scale - 1.0) * projection(hidden, direction) * direction
-
+OP_NAMES = ("add", "projection_cap", "ablation")
+"""The ops, in the order they apply; also the column order of the workers'
+per-op target table (``op_targets[..., OP_NAMES.index(name)]``)."""
 
 TARGET_CODES = {"all": 0, "prompt": 1, "generated": 2}
 """Integer codes of a spec's ``positions``, as stored in the worker's tables."""
@@ -73,10 +70,13 @@ def apply_layer_ops(
     ablation_scale: float | Tensor,
     masks: OpMasks = NO_MASKS,
 ) -> Tensor:
-    """All ops of one layer in their fixed order: add, then projection cap,
-    then ablation (``add_vector``, ``cap_projection``, ``scale_component``
-    composed). ``None`` skips an op; ``masks`` limit each op to some rows
-    (position targeting), leaving the other rows exactly as they were.
+    """All ops of one layer in their fixed order (``OP_NAMES``): add
+    ``hidden + add``, then the projection cap (clamp the projection on the
+    unit ``cap_direction`` to ``[cap_min, cap_max]``, leaving the orthogonal
+    part untouched), then the ablation (multiply the component along the
+    unit ``ablation_direction`` by ``ablation_scale``: 0 removes it, 1 keeps
+    it). ``None`` skips an op; ``masks`` limit each op to some rows (position
+    targeting), leaving the other rows exactly as they were.
 
     Evaluated in one pass: both projections are taken of the stream after the
     add, and the ablation's projection is corrected for the cap's shift ``d``

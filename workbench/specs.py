@@ -25,13 +25,21 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from workbench.errors import HiddenSizeError, LayerIndexError, SpecError
+from workbench.errors import DtypeRangeError, HiddenSizeError, LayerIndexError, SpecError
 from workbench.files import atomic_path
+from workbench.ops import OP_NAMES, TARGET_CODES, stream_limit
 
 FORMAT_VERSION = 1
 
-POSITIONS = ("all", "prompt", "generated")
+_METADATA_KEY = "workbench_steering_spec"
+"""Key of a spec file's safetensors metadata holding its ops as JSON."""
+
+POSITIONS = tuple(TARGET_CODES)
 """Which tokens an op acts on: every token, prompt tokens only, or generated tokens only."""
+
+
+def _tensor_name(layer: int | str, op: str) -> str:
+    return f"layers.{layer}.{op}.vector"
 
 
 def as_vector(value: Any, name: str) -> Tensor:
@@ -112,6 +120,8 @@ class AddSpec:
         object.__setattr__(self, "vector", as_vector(self.vector, "AddSpec.vector"))
         object.__setattr__(self, "scale", _finite(self.scale, "AddSpec.scale"))
         _positions(self.positions, "AddSpec.positions")
+        if not torch.isfinite(self.effect).all():
+            raise DtypeRangeError(f"AddSpec: vector x scale ({self.scale:g}) overflows float32")
 
     @property
     def effect(self) -> Tensor:
@@ -182,11 +192,7 @@ class AblationSpec:
     __hash__ = None  # type: ignore[assignment]
 
 
-_OPS: dict[str, type] = {
-    "add": AddSpec,
-    "projection_cap": ProjectionCapSpec,
-    "ablation": AblationSpec,
-}
+_OPS: dict[str, type] = dict(zip(OP_NAMES, (AddSpec, ProjectionCapSpec, AblationSpec)))
 
 
 @dataclass(frozen=True)
@@ -212,6 +218,30 @@ class LayerSteeringSpec:
             value = getattr(self, name)
             if value is not None:
                 yield name, value
+
+
+def _check_range(index: int, layer: LayerSteeringSpec, dtype: torch.dtype) -> None:
+    """``DtypeRangeError`` for a value of ``layer``'s ops beyond ``stream_limit(dtype)``."""
+    limit = stream_limit(dtype)
+    values: list[tuple[str, float]] = []
+    if layer.add is not None:
+        effect = layer.add.effect
+        at = int(effect.abs().argmax())
+        values.append((f"the added vector (vector x scale) at index {at}", effect[at].item()))
+    if layer.projection_cap is not None:
+        cap = layer.projection_cap
+        values += [
+            (f"the cap's {side}", bound) for side, bound in (("min", cap.min), ("max", cap.max)) if bound is not None
+        ]
+    if layer.ablation is not None:
+        values.append(("the ablation scale", layer.ablation.scale))
+    for what, value in values:
+        if abs(value) > limit:
+            name = str(dtype).removeprefix("torch.")
+            raise DtypeRangeError(
+                f"layer {index}: {what} is {value:.3g}, beyond what the model's {name} residual stream holds "
+                f"(|value| <= {limit:.3g}; beyond that the next layer's norm overflows and the reply comes back empty)"
+            )
 
 
 @dataclass(frozen=True)
@@ -240,10 +270,6 @@ class SteeringSpec:
             raise HiddenSizeError(f"vectors in one SteeringSpec have different sizes: {sorted(sizes)}")
         object.__setattr__(self, "layers", MappingProxyType(dict(sorted(cleaned.items()))))
 
-    @classmethod
-    def empty(cls) -> SteeringSpec:
-        return cls()
-
     def is_empty(self) -> bool:
         return not self.layers
 
@@ -255,13 +281,17 @@ class SteeringSpec:
                 return op.vector.numel()
         return None
 
-    def validate_for(self, hidden_size: int, layer_count: int) -> None:
-        """Raise if this spec cannot run on a model of this shape."""
+    def validate_for(self, hidden_size: int, layer_count: int, dtype: torch.dtype | None = None) -> None:
+        """Raise if this spec cannot run on a model of this shape (and, given
+        the model's ``dtype``, if a value would not fit its residual stream)."""
         for index in self.layers:
             check_layer_index(index, layer_count)
         size = self.hidden_size
         if size is not None and size != hidden_size:
             raise HiddenSizeError(f"spec vectors have size {size}, the model's hidden size is {hidden_size}")
+        if dtype is not None:
+            for index, layer in self.layers.items():
+                _check_range(index, layer, dtype)
 
     def with_layer(self, index: int, **ops: Any) -> SteeringSpec:
         """A copy with some ops of one layer replaced (``None`` clears an op)."""
@@ -269,9 +299,6 @@ class SteeringSpec:
         layers = dict(self.layers)
         layers[index] = replace(current, **ops)
         return SteeringSpec(layers=layers)
-
-    def without_layer(self, index: int) -> SteeringSpec:
-        return SteeringSpec(layers={i: s for i, s in self.layers.items() if i != index})
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, SteeringSpec) and self.fingerprint == other.fingerprint
@@ -282,33 +309,53 @@ class SteeringSpec:
     @cached_property
     def fingerprint(self) -> str:
         """A content hash: equal specs share it; used to share engine slots and prefix-cache salts."""
-        digest = hashlib.sha256(json.dumps(self._scalars(), sort_keys=True).encode())
-        for name, tensor in self._tensors().items():
+        scalars, tensors = self.to_parts()
+        digest = hashlib.sha256(json.dumps(scalars, sort_keys=True).encode())
+        for name, tensor in tensors.items():
             digest.update(name.encode())
             digest.update(tensor.numpy().tobytes())
         return digest.hexdigest()
 
     # -- serialisation ---------------------------------------------------
 
-    def _scalars(self) -> dict[str, dict[str, dict[str, float | str | None]]]:
-        out: dict[str, dict[str, dict[str, float | str | None]]] = {}
+    def to_parts(self) -> tuple[dict[str, dict[str, dict[str, Any]]], dict[str, Tensor]]:
+        """The spec as its scalars (layer -> op -> parameters, JSON-able) and
+        its vectors by tensor name (``layers.<i>.<op>.vector``), the form of
+        spec files and of the workers' wire; ``from_parts`` inverts it."""
+        scalars: dict[str, dict[str, dict[str, Any]]] = {}
+        tensors: dict[str, Tensor] = {}
         for index, layer in self.layers.items():
-            out[str(index)] = {name: {k: v for k, v in vars(op).items() if k != "vector"} for name, op in layer.ops()}
-        return out
+            ops = scalars[str(index)] = {}
+            for name, op in layer.ops():
+                ops[name] = {key: value for key, value in vars(op).items() if key != "vector"}
+                tensors[_tensor_name(index, name)] = op.vector
+        return scalars, tensors
 
-    def _tensors(self) -> dict[str, Tensor]:
-        return {
-            f"layers.{index}.{name}.vector": op.vector
-            for index, layer in self.layers.items()
-            for name, op in layer.ops()
-        }
+    @classmethod
+    def from_parts(
+        cls, layers: Mapping[str, Any], tensors: Mapping[str, Tensor], where: str = "steering spec"
+    ) -> SteeringSpec:
+        """Inverse of ``to_parts``; ``where`` names the source in error messages."""
+        if not isinstance(layers, Mapping):
+            raise SpecError(f"{where} needs a 'layers' mapping")
+        data: dict[str, dict[str, Any]] = {}
+        for key, ops in layers.items():
+            if not isinstance(ops, Mapping):
+                raise SpecError(f"{where}: layer {key!r} must map op names to parameters")
+            data[key] = {}
+            for name, params in ops.items():
+                tensor_name = _tensor_name(key, name)
+                if not isinstance(params, Mapping) or tensor_name not in tensors:
+                    raise SpecError(f"{where} is missing tensor {tensor_name!r}")
+                data[key][name] = {**params, "vector": tensors[tensor_name]}
+        return cls.from_dict({"layers": data})
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict (vectors as lists of floats)."""
-        layers = self._scalars()
-        for index, layer in self.layers.items():
-            for name, op in layer.ops():
-                layers[str(index)][name]["vector"] = op.vector.tolist()
+        layers, tensors = self.to_parts()
+        for index, ops in layers.items():
+            for name, params in ops.items():
+                params["vector"] = tensors[_tensor_name(index, name)].tolist()
         return {"format_version": FORMAT_VERSION, "layers": layers}
 
     @classmethod
@@ -329,7 +376,7 @@ class SteeringSpec:
                 raise SpecError(f"layer {key!r} must map op names to parameters")
             unknown = set(ops) - set(_OPS)
             if unknown:
-                raise SpecError(f"layer {key!r} has unknown ops {sorted(unknown)}; known: {sorted(_OPS)}")
+                raise SpecError(f"layer {key!r} has unknown ops {sorted(unknown)}; known: {list(_OPS)}")
             built = {}
             for name, params in ops.items():
                 if not isinstance(params, Mapping) or "vector" not in params:
@@ -345,11 +392,10 @@ class SteeringSpec:
         """Write a safetensors file (vectors as tensors, ops in its JSON metadata), atomically."""
         from safetensors.torch import save_file
 
-        metadata = {
-            "workbench_steering_spec": json.dumps({"format_version": FORMAT_VERSION, "layers": self._scalars()})
-        }
+        layers, tensors = self.to_parts()
+        metadata = {_METADATA_KEY: json.dumps({"format_version": FORMAT_VERSION, "layers": layers})}
         with atomic_path(path) as tmp:
-            save_file(self._tensors(), tmp, metadata=metadata)
+            save_file(tensors, tmp, metadata=metadata)
         return Path(path)
 
     @classmethod
@@ -360,27 +406,22 @@ class SteeringSpec:
         path = Path(path)
         try:
             with safe_open(path, framework="pt") as f:
-                meta = (f.metadata() or {}).get("workbench_steering_spec")
+                meta = (f.metadata() or {}).get(_METADATA_KEY)
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, OSError, ValueError) as exc:
             raise SpecError(f"{path} is not a readable steering spec file: {exc}") from exc
         if meta is None:
-            raise SpecError(f"{path} has no 'workbench_steering_spec' metadata")
+            raise SpecError(f"{path} has no {_METADATA_KEY!r} metadata")
         try:
             data = json.loads(meta)
         except json.JSONDecodeError as exc:
             raise SpecError(f"{path} has malformed spec metadata: {exc}") from exc
-        if not isinstance(data, dict) or not isinstance(data.get("layers"), dict):
+        if not isinstance(data, dict):
             raise SpecError(f"{path} spec metadata needs a 'layers' mapping")
-        for key, ops in data["layers"].items():
-            if not isinstance(ops, dict):
-                raise SpecError(f"{path}: layer {key!r} must map op names to parameters")
-            for name, params in ops.items():
-                tensor_name = f"layers.{key}.{name}.vector"
-                if tensor_name not in tensors or not isinstance(params, dict):
-                    raise SpecError(f"{path} is missing tensor {tensor_name!r}")
-                params["vector"] = tensors[tensor_name]
-        return cls.from_dict(data)
+        version = data.get("format_version", FORMAT_VERSION)
+        if version != FORMAT_VERSION:
+            raise SpecError(f"{path}: unsupported steering spec format_version {version!r}")
+        return cls.from_parts(data.get("layers"), tensors, where=str(path))
 
     def __repr__(self) -> str:
         if not self.layers:

@@ -45,18 +45,24 @@ async def run_sweep(
     vector: Any,
     scales: Sequence[float],
     sampling_params: Any = None,
+    *,
     op: str = "add",
     positions: str = "all",
     measure_layer: int | None = None,
     chat_options: Mapping[str, Any] | None = None,
     base_spec: SteeringSpec | None = None,
     progress: bool | Callable[[int, int], None] = True,
+    **sampling_kwargs: Any,
 ) -> pd.DataFrame:
-    from vllm import SamplingParams
+    """The sweep (see the module docstring). Sampling comes from
+    ``sampling_params`` or keyword arguments (default: greedy, 32 tokens);
+    ``base_spec`` is the steering the sweep starts from (default: the
+    model's current state)."""
+    from workbench.client import resolve_sampling
 
     if not scales:
         raise SpecError("scales is empty")
-    sampling_params = sampling_params or SamplingParams(temperature=0.0, max_tokens=32)
+    sampling_params = resolve_sampling(sampling_params, sampling_kwargs, temperature=0.0, max_tokens=32)
     base = model.export_steering_spec() if base_spec is None else base_spec
     specs = sweep_specs(base, layer, vector, scales, op, positions)
     measure = layer if measure_layer is None else measure_layer

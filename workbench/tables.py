@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from workbench.capture import CaptureHandle
+from workbench.errors import CaptureError
 
 
 def _message_columns(handle: CaptureHandle, rows: int) -> tuple[np.ndarray, np.ndarray]:
@@ -79,7 +80,7 @@ def captures_frame(
     """Several handles in one table; ``request`` is each handle's label (default: its index)."""
     labels = list(labels) if labels is not None else list(range(len(handles)))
     if len(labels) != len(handles):
-        raise ValueError(f"{len(labels)} labels for {len(handles)} handles")
+        raise CaptureError(f"{len(labels)} labels for {len(handles)} handles")
     return pd.concat(
         [capture_frame(handle, tokenizer, directions, label) for handle, label in zip(handles, labels)],
         ignore_index=True,

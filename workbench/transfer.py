@@ -4,7 +4,7 @@ A fetch moves hundreds of MB (256 requests x 192 tokens x 4096 x bf16 is
 400 MB per layer); vLLM's RPC channel would serialise and copy that several
 times. Instead the client owns a folder in shared memory (``/dev/shm``), the
 worker writes each capture's rows into files there while generating (see
-``workbench.capture_space``), and at fetch the client maps the files: the
+``workbench.runtime.capture_space``), and at fetch the client maps the files: the
 rows are written once and never copied again. Once the client no longer
 views a file, the worker reuses it (and its memory) for a later capture. A
 worker that cannot see the folder (another host) sends the rows as
@@ -14,27 +14,18 @@ safetensors bytes in the RPC reply instead.
 from __future__ import annotations
 
 import mmap
-import tempfile
 import weakref
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
-from safetensors.torch import load as load_tensors
 from torch import Tensor
 
-SHARED_MEMORY = Path("/dev/shm")
+from workbench.wire import FetchReply, RowsKey
 
 
-def make_folder(prefix: str = "workbench-captures-") -> tempfile.TemporaryDirectory[str]:
-    """A folder for capture files: in shared memory where the host has it."""
-    parent = SHARED_MEMORY if SHARED_MEMORY.is_dir() else None
-    return tempfile.TemporaryDirectory(prefix=prefix, dir=parent)
-
-
-def read_reply(reply: dict[str, Any], hidden: int, recycle: Callable[[str], None] | None = None) -> dict[str, Tensor]:
-    """The client side of a fetch reply: ``"<capture_id>/<layer>"`` -> ``[rows, hidden]``.
+def read_reply(reply: FetchReply, hidden: int, recycle: Callable[[str], None] | None = None) -> dict[RowsKey, Tensor]:
+    """The rows of a fetch reply: ``(capture_id, layer)`` -> ``[rows, hidden]``.
 
     Files are mapped privately (writes to the tensors stay in this process).
     With ``recycle``, a file stays in the folder and ``recycle(path)`` is
@@ -44,9 +35,9 @@ def read_reply(reply: dict[str, Any], hidden: int, recycle: Callable[[str], None
     cost more than writing the rows. Without it the file is unlinked at once
     and its memory lives as long as some view of it does.
     """
-    tensors = load_tensors(reply["data"]) if "data" in reply else {}
-    dtype = getattr(torch, reply["dtype"])
-    for key, (name, rows) in reply["files"].items():
+    tensors = dict(reply.inline)
+    dtype = getattr(torch, reply.dtype)
+    for key, (name, rows) in reply.files.items():
         if not rows:
             tensors[key] = torch.empty(0, hidden, dtype=dtype)
             _let_go(name, recycle)

@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from workbench.errors import EngineClosedError
+from workbench.errors import EngineClosedError, EngineTimeoutError, WorkbenchError
 
 logger = logging.getLogger(__name__)
 
@@ -86,13 +86,13 @@ class LoopThread:
         """Run ``coro`` on the loop thread and wait for it (not from the loop thread itself)."""
         if threading.current_thread() is self._thread:
             coro.close()
-            raise RuntimeError("LoopThread.run called from its own loop thread; await the coroutine instead")
+            raise WorkbenchError("LoopThread.run called from its own loop thread; await the coroutine instead")
         future = self.submit(coro)
         try:
             return future.result(timeout)
         except concurrent.futures.TimeoutError:
             future.cancel()
-            raise TimeoutError(f"engine call did not finish within {timeout} s") from None
+            raise EngineTimeoutError(f"engine call did not finish within {timeout} s") from None
 
     async def run_async(self, coro: Coroutine[Any, Any, T], timeout: float | None = DEFAULT_TIMEOUT_S) -> T:
         """Await ``coro`` from another event loop (e.g. a notebook cell)."""

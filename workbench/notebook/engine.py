@@ -13,22 +13,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import threading
 from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
 
 from workbench.client import VLLMSteeringConfig, VLLMSteerModel
-from workbench.errors import WorkbenchError
+from workbench.errors import EngineConfigError
 from workbench.notebook.bridge import DEFAULT_TIMEOUT_S, LoopThread
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-class EngineConfigError(WorkbenchError):
-    """The running engine was started with another configuration."""
 
 
 @contextlib.contextmanager
@@ -60,9 +55,6 @@ class NotebookEngine:
         self.config = config
         self.engine_kwargs = engine_kwargs
         self.bridge = LoopThread()
-        # vLLM's engine processes log their whole configuration at INFO; in a
-        # notebook that buries the cell's output. A user's own setting wins.
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
         async def start() -> VLLMSteerModel:
             # Built on the loop thread so vLLM's AsyncLLM binds to that loop.
@@ -73,7 +65,7 @@ class NotebookEngine:
 
     @property
     def is_alive(self) -> bool:
-        return self.bridge.is_running and not self.model.engine.errored and not self.model._closed
+        return self.bridge.is_running and self.model.is_alive
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = DEFAULT_TIMEOUT_S) -> T:
         """Block until ``coro`` (a model coroutine) finishes; for cells and scripts."""

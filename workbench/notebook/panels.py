@@ -23,11 +23,13 @@ from workbench.errors import SpecError
 from workbench.notebook import figures
 from workbench.notebook.engine import NotebookEngine
 from workbench.notebook.session import FIGURE_FORMATS, Session, export_figure, load_session, save_session
+from workbench.ops import OP_NAMES
 from workbench.specs import AblationSpec, AddSpec, LayerSteeringSpec, ProjectionCapSpec, SteeringSpec
 from workbench.tables import captures_frame
 from workbench.vector_library import VectorLibrary
 
-OPS = ("add", "cap", "ablate")
+OP_LABELS = dict(zip(OP_NAMES, ("add", "cap", "ablate")))
+"""Short labels the editor shows for each op."""
 
 
 @dataclass
@@ -36,6 +38,7 @@ class RowState:
 
     layer: int
     op: str = "add"
+    """One of ``ops.OP_NAMES``."""
     source: str = "random"
     """"random" (seeded) or the name of a vector in the library folder."""
     seed: int = 0
@@ -52,29 +55,34 @@ def _direction(row: RowState, hidden_size: int, library: VectorLibrary | None) -
         vector = torch.randn(hidden_size, generator=torch.Generator().manual_seed(row.seed))
         return vector / vector.norm()
     if library is None:
-        raise ValueError(f"row for layer {row.layer} names vector {row.vector_name!r} but no library folder is set")
+        raise SpecError(f"row for layer {row.layer} names vector {row.vector_name!r} but no library folder is set")
     vector, _ = library.load(row.vector_name)
     return vector
 
 
 def rows_to_spec(rows: list[RowState], hidden_size: int, library: VectorLibrary | None = None) -> SteeringSpec:
-    """The spec the editor's rows describe (disabled rows are skipped; later rows
-    replace earlier ones for the same layer and op)."""
+    """The spec the editor's rows describe (disabled rows are skipped; two
+    enabled rows with the same layer and op are an error, not merged)."""
     layers: dict[int, dict[str, Any]] = {}
     for row in rows:
         if not row.enabled:
             continue
-        vector = _direction(row, hidden_size, library)
+        if row.op not in OP_NAMES:
+            raise SpecError(f"unknown op {row.op!r}; known: {list(OP_NAMES)}")
         ops = layers.setdefault(row.layer, {})
+        if row.op in ops:
+            raise SpecError(
+                f"two rows set {OP_LABELS[row.op]!r} on layer {row.layer}; one layer takes each op once "
+                "(remove or disable one of them)"
+            )
+        vector = _direction(row, hidden_size, library)
         if row.op == "add":
             ops["add"] = AddSpec(vector, scale=row.scale, positions=row.positions)
-        elif row.op == "cap":
+        elif row.op == "projection_cap":
             low, high = row.cap_range
             ops["projection_cap"] = ProjectionCapSpec(vector, min=low, max=high, positions=row.positions)
-        elif row.op == "ablate":
-            ops["ablation"] = AblationSpec(vector, scale=row.scale, positions=row.positions)
         else:
-            raise ValueError(f"unknown op {row.op!r}; known: {OPS}")
+            ops["ablation"] = AblationSpec(vector, scale=row.scale, positions=row.positions)
     return SteeringSpec({layer: LayerSteeringSpec(**ops) for layer, ops in layers.items()})
 
 
@@ -94,11 +102,15 @@ def rows_from_spec(spec: SteeringSpec, library: VectorLibrary, prefix: str) -> l
         if (cap := layer_spec.projection_cap) is not None:
             library.save(name := f"{prefix}-{layer}-cap", cap.vector)
             bounds = (-OPEN_BOUND if cap.min is None else cap.min, OPEN_BOUND if cap.max is None else cap.max)
-            rows.append(RowState(layer, "cap", "library", vector_name=name, cap_range=bounds, positions=cap.positions))
+            rows.append(
+                RowState(
+                    layer, "projection_cap", "library", vector_name=name, cap_range=bounds, positions=cap.positions
+                )
+            )
         if (ablation := layer_spec.ablation) is not None:
             library.save(name := f"{prefix}-{layer}-ablate", ablation.vector)
             scale, positions = ablation.scale, ablation.positions
-            rows.append(RowState(layer, "ablate", "library", vector_name=name, scale=scale, positions=positions))
+            rows.append(RowState(layer, "ablation", "library", vector_name=name, scale=scale, positions=positions))
     return rows
 
 
@@ -120,7 +132,9 @@ class SteeringRow:
         self.layer = w.BoundedIntText(
             value=state.layer, min=0, max=layer_count - 1, description="layer", layout={"width": "150px"}
         )
-        self.op = w.Dropdown(options=OPS, value=state.op, layout={"width": "90px"})
+        self.op = w.Dropdown(
+            options=[(label, name) for name, label in OP_LABELS.items()], value=state.op, layout={"width": "90px"}
+        )
         self.source = w.Dropdown(
             options=["random", "library"],
             value="random" if state.source == "random" else "library",
@@ -158,9 +172,9 @@ class SteeringRow:
         self._show_relevant()
 
     def _show_relevant(self, _: Any = None) -> None:
-        self.cap_range.layout.display = "" if self.op.value == "cap" else "none"
-        self.scale.layout.display = "none" if self.op.value == "cap" else ""
-        self.scale.description = "keep" if self.op.value == "ablate" else "scale"
+        self.cap_range.layout.display = "" if self.op.value == "projection_cap" else "none"
+        self.scale.layout.display = "none" if self.op.value == "projection_cap" else ""
+        self.scale.description = "keep" if self.op.value == "ablation" else "scale"
         self.seed.layout.display = "" if self.source.value == "random" else "none"
         self.vector_name.layout.display = "none" if self.source.value == "random" else ""
 

@@ -22,16 +22,12 @@ from typing import Any
 import plotly.graph_objects as go
 import plotly.io as pio
 
-from workbench.errors import WorkbenchError
+from workbench.errors import SessionError
 from workbench.files import atomic_write_text
 from workbench.specs import SteeringSpec
 
 FIGURE_FORMATS = ("html", "png", "svg")
 SYSTEM_CHROMIUM = ("chromium", "chromium-browser", "google-chrome")
-
-
-class SessionError(WorkbenchError, ValueError):
-    """A session folder is missing, incomplete or malformed."""
 
 
 def _browser_for_kaleido() -> None:
@@ -56,7 +52,7 @@ def export_figure(figure: go.Figure, stem: str | Path, formats: Iterable[str] = 
             _browser_for_kaleido()
             figure.write_image(path, format=fmt, scale=2 if fmt == "png" else 1)
         else:
-            raise ValueError(f"unknown figure format {fmt!r}; use one of {FIGURE_FORMATS}")
+            raise SessionError(f"unknown figure format {fmt!r}; use one of {FIGURE_FORMATS}")
         paths.append(path)
     return paths
 

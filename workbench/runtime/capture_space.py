@@ -36,6 +36,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from workbench.errors import RowSpaceError
+
 RESERVED_BYTES = 1 << 42
 """Address space reserved for open capture files (4 TiB: virtual only, no
 memory is committed). A window per capture and layer is sized for the
@@ -48,10 +50,6 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
 _MAP_FAILED = ctypes.c_void_p(-1).value
-
-
-class RowSpaceError(OSError):
-    """The worker could not map capture rows (address space or shared memory exhausted)."""
 
 
 def _mmap(address: int | None, length: int, prot: int, flags: int, fd: int = -1) -> int:

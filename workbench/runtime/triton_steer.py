@@ -3,7 +3,9 @@
 Implements ``workbench.ops.apply_layer_ops`` (add, projection cap, ablation,
 in that order, each limited to its positions) on rows of the flattened batch,
 each row with the tables of its slot, and writes the result to the output
-and, on steps that capture the layer, to its capture buffer.
+and, on steps that capture the layer, to its capture buffer. A steered row
+that comes out broken (inf, NaN, or beyond ``ops.stream_limit``) gets the
+layer's index in ``nonfinite_rows`` (kept if an earlier layer is there already).
 
 Why a kernel of its own: left to torch.compile, the ops were fused with the
 next layer's RMSNorm into one looped reduction that read every row three
@@ -23,10 +25,23 @@ op-by-op bf16 rounding by at most a rounding step.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from workbench.ops import OP_NAMES, TARGET_CODES, stream_limit
+from workbench.runtime.steering_tables import LayerTables
+
+# Globals a Triton kernel reads must be constexpr objects.
+ADD = tl.constexpr(OP_NAMES.index("add"))
+CAP = tl.constexpr(OP_NAMES.index("projection_cap"))
+ABLATION = tl.constexpr(OP_NAMES.index("ablation"))
+"""Columns of the per-slot target table."""
+OPS = tl.constexpr(len(OP_NAMES))
+EVERY_ROW = tl.constexpr(TARGET_CODES["all"])
 
 
 @triton.jit
@@ -36,6 +51,9 @@ def _steer_rows_kernel(
     steered_ptr,
     captured_ptr,
     capture_flag_ptr,
+    nonfinite_ptr,
+    layer,
+    limit,
     slot_ptr,
     phase_ptr,
     add_ptr,
@@ -61,11 +79,13 @@ def _steer_rows_kernel(
     slot = tl.load(slot_ptr + row)
     phase = tl.load(phase_ptr + row).to(tl.int32)
     table = slot * hidden + cols
-    # Target codes (ops.TARGET_CODES): 0 = every row, else the row's phase must match.
-    add_target = tl.load(targets_ptr + slot * 3).to(tl.int32)
-    add_here = (add_target == 0) | (add_target == phase)
+    # A target code other than "every row" must match the row's phase.
+    add_target = tl.load(targets_ptr + slot * OPS + ADD).to(tl.int32)
+    add_here = (add_target == EVERY_ROW) | (add_target == phase)
     # Slot 0 is neutral (zero vector): its rows skip the load.
-    add = tl.load(add_ptr + table, mask=inside & (slot != 0) & add_here, other=0.0).to(tl.float32)
+    # (A select rather than `inside & scalar`: Triton's interpreter rejects a mask mixing the two.)
+    add = tl.load(add_ptr + table, mask=tl.where((slot != 0) & add_here, inside, False), other=0.0)
+    add = add.to(tl.float32)
     steered = stream + add
 
     cap_min = tl.load(cap_min_ptr + slot).to(tl.float32)
@@ -74,21 +94,28 @@ def _steer_rows_kernel(
     # Open bounds and scale 1 are exact no-ops (a zero shift and coefficient):
     # rows without a cap or ablation skip the directions and the reductions.
     if (cap_min > float("-inf")) | (cap_max < float("inf")) | (scale != 1.0):
-        cap_target = tl.load(targets_ptr + slot * 3 + 1).to(tl.int32)
-        ablation_target = tl.load(targets_ptr + slot * 3 + 2).to(tl.int32)
+        cap_target = tl.load(targets_ptr + slot * OPS + CAP).to(tl.int32)
+        ablation_target = tl.load(targets_ptr + slot * OPS + ABLATION).to(tl.int32)
         cap_direction = tl.load(cap_direction_ptr + table, mask=inside, other=0.0).to(tl.float32)
         ablation_direction = tl.load(ablation_direction_ptr + table, mask=inside, other=0.0).to(tl.float32)
         cap_projection = tl.sum(steered * cap_direction, axis=0)
         shift = tl.minimum(tl.maximum(cap_projection, cap_min), cap_max) - cap_projection
-        shift = tl.where((cap_target == 0) | (cap_target == phase), shift, 0.0)
+        shift = tl.where((cap_target == EVERY_ROW) | (cap_target == phase), shift, 0.0)
         ablation_projection = tl.sum(steered * ablation_direction, axis=0)
         ablation_projection += shift * tl.sum(cap_direction * ablation_direction, axis=0)
         coefficient = tl.where(
-            (ablation_target == 0) | (ablation_target == phase), (scale - 1.0) * ablation_projection, 0.0
+            (ablation_target == EVERY_ROW) | (ablation_target == phase), (scale - 1.0) * ablation_projection, 0.0
         )
         steered = steered + shift * cap_direction + coefficient * ablation_direction
     steered = steered.to(out.dtype)
     tl.store(steered_ptr + row * hidden + cols, steered, mask=inside)
+    if slot != 0:
+        value = steered.to(tl.float32)
+        # NaN fails every comparison, so "not within the limit" catches it with inf and overflow.
+        broken = tl.sum((~(tl.abs(value) <= limit)).to(tl.int32), axis=0)
+        if broken > 0:
+            # Rows run layer after layer, so a plain read-modify-write keeps the lowest layer.
+            tl.store(nonfinite_ptr + row, tl.minimum(tl.load(nonfinite_ptr + row), layer))
     # The layer's capture flag (set per step by the worker) spares the write
     # on steps where no request captures this layer.
     if CAPTURE:
@@ -99,49 +126,42 @@ def _steer_rows_kernel(
 def steer_rows(
     out: Tensor,
     residual: Tensor,
-    slot_index: Tensor,
-    row_phases: Tensor,
-    add_vectors: Tensor,
-    cap_directions: Tensor,
-    cap_min: Tensor,
-    cap_max: Tensor,
-    ablation_directions: Tensor,
-    ablation_scales: Tensor,
-    op_targets: Tensor,
+    tables: Sequence[Tensor],
     captured: Tensor,
-    capture_flag: Tensor,
+    nonfinite_rows: Tensor,
+    layer: int,
     capture: bool,
-    add: bool = True,
-    cap: bool = True,
-    ablation: bool = True,
-    targeted: bool = True,
 ) -> Tensor:
-    """The kernel over ``out.shape[0]`` rows; the tables are one layer's
-    (``[slots + 1, ...]``, contiguous), ``slot_index`` / ``row_phases`` /
-    ``captured`` have at least as many rows as ``out``. With ``capture``,
-    the capture buffer is written when the one-element ``capture_flag`` is
-    non-zero. The flags saying which ops some row uses
-    (``layer_op.steer_rows_torch`` skips the others) are ignored: the kernel
-    decides per row from its slot's parameters."""
+    """The kernel over ``out.shape[0]`` rows (the signature of ``layer_op.steer_rows_op``,
+    whose CUDA kernel this is). ``tables`` is one layer's ``LayerTables``
+    (contiguous ``[slots + 1, ...]`` views); ``slot_index`` / ``row_phases`` /
+    ``captured`` / ``nonfinite_rows`` have at least as many rows as ``out``.
+    With ``capture``, the capture buffer is written when the layer's capture
+    flag is non-zero. The kernel decides per row from its slot's parameters
+    which ops to run."""
     rows, hidden = out.shape
     steered = torch.empty((rows, hidden), dtype=out.dtype, device=out.device)
     if rows:
+        t = LayerTables._make(tables)
         block = triton.next_power_of_2(hidden)
         _steer_rows_kernel[(rows,)](
             out,
             residual,
             steered,
             captured,
-            capture_flag,
-            slot_index,
-            row_phases,
-            add_vectors,
-            cap_directions,
-            cap_min,
-            cap_max,
-            ablation_directions,
-            ablation_scales,
-            op_targets,
+            t.capture_flag,
+            nonfinite_rows,
+            layer,
+            stream_limit(out.dtype),
+            t.slot_index,
+            t.row_phases,
+            t.add_vectors,
+            t.cap_directions,
+            t.cap_min,
+            t.cap_max,
+            t.ablation_directions,
+            t.ablation_scales,
+            t.op_targets,
             hidden,
             out.stride(0),
             residual.stride(0),

@@ -32,11 +32,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save as save_tensors
 from torch import Tensor
 
-from workbench.capture_space import RowSpace, Window
-from workbench.transfer import make_folder
+from workbench.errors import CaptureError
+from workbench.runtime.capture_space import RowSpace, Window
+from workbench.wire import CaptureRequest, FetchReply, make_handoff_folder
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class HostLanes:
     def _raise_error(self) -> None:
         if self._error is not None:
             error, self._error = self._error, None
-            raise RuntimeError("writing captured rows failed") from error
+            raise CaptureError("writing captured rows failed") from error
 
 
 @dataclass
@@ -230,21 +230,22 @@ class CaptureStore:
     def record(
         self,
         key: object,
-        payloads: list[dict[str, Any] | None],
+        captures: list[CaptureRequest | None],
         capturing: list[int],
         step: Any,
         buffers: dict[int, Tensor],
     ) -> None:
         """Write the rows of ``step`` that capturing requests own.
 
-        ``payloads`` are the batch's request payloads (``key`` identifies the
-        batch composition, for reusing the plan), ``capturing`` the places of
-        those that capture, ``step`` a ``StepRows`` and ``buffers`` each
-        layer's capture buffer holding the step's rows.
+        ``captures`` are what the batch's requests asked to capture, by place
+        (``key`` identifies the batch composition, for reusing the plan),
+        ``capturing`` the places of those that capture, ``step`` a
+        ``StepRows`` and ``buffers`` each layer's capture buffer holding the
+        step's rows.
         """
         plan = self._plan
         if plan is None or plan.key is not key:
-            plan = self._plan = self._make_plan(key, payloads, capturing)
+            plan = self._plan = self._make_plan(key, captures, capturing)
         for capture_id in plan.blocked:
             self._released[capture_id] = RELEASE_GRACE_STEPS
         if not plan.first_rows:  # nobody records, or only layers of other pipeline stages
@@ -284,24 +285,24 @@ class CaptureStore:
         self._missing_from[indices] = missing
         self._num_rows[indices] = np.minimum(end, capacity)
 
-    def _make_plan(self, key: object, payloads: list[dict[str, Any] | None], capturing: list[int]) -> _BatchPlan:
+    def _make_plan(self, key: object, captures: list[CaptureRequest | None], capturing: list[int]) -> _BatchPlan:
         places, indices, blocked = [], [], []
-        capacity = np.zeros(len(payloads), dtype=np.int64)
+        capacity = np.zeros(len(captures), dtype=np.int64)
         first_rows: dict[int, np.ndarray] = {}
         for place in capturing:
-            payload = payloads[place]
-            assert payload is not None
-            if payload["capture_id"] in self._released:
-                blocked.append(payload["capture_id"])
+            capture = captures[place]
+            assert capture is not None
+            if capture.capture_id in self._released:
+                blocked.append(capture.capture_id)
                 continue
-            record = self._records.get(payload["capture_id"]) or self._open(payload)
+            record = self._records.get(capture.capture_id) or self._open(capture)
             if record is None:
                 continue
             places.append(place)
             indices.append(record.index)
-            capacity[place] = payload["capacity"]
+            capacity[place] = capture.capacity
             for layer, window in record.windows.items():
-                first_rows.setdefault(layer, np.full(len(payloads), -1, dtype=np.int64))[place] = window.first_row
+                first_rows.setdefault(layer, np.full(len(captures), -1, dtype=np.int64))[place] = window.first_row
         return _BatchPlan(
             key,
             np.array(places, dtype=np.int64),
@@ -311,22 +312,22 @@ class CaptureStore:
             tuple(blocked),
         )
 
-    def _open(self, payload: dict[str, Any]) -> CaptureRecord | None:
+    def _open(self, capture: CaptureRequest) -> CaptureRecord | None:
         """Open a capture's files (None if they cannot be opened: that is reported at fetch)."""
-        capture_id = payload["capture_id"]
+        capture_id = capture.capture_id
         if capture_id in self._failed:
             return None
-        folder = Path(payload["folder"]) if payload.get("folder") else None
-        inline = folder is None or not folder.is_dir()
-        if inline:
+        folder = Path(capture.folder) if capture.folder else None
+        if folder is None or not folder.is_dir():
             if self._private is None:
-                self._private = make_folder("workbench-worker-")
-            folder = Path(self._private.name)
-        assert folder is not None
+                self._private = make_handoff_folder("workbench-worker-")
+            folder, inline = Path(self._private.name), True
+        else:
+            inline = False
         windows: dict[int, Window] = {}
         try:
-            for layer in (layer for layer in payload["layers"] if layer in self.layers):
-                windows[layer] = self._open_file(folder, _file_name(capture_id, layer), payload["capacity"])
+            for layer in (layer for layer in capture.layers if layer in self.layers):
+                windows[layer] = self._open_file(folder, _file_name(capture_id, layer), capture.capacity)
         except OSError as error:  # RowSpaceError included
             for window in windows.values():
                 self.space.close(window, unlink=True)
@@ -366,32 +367,22 @@ class CaptureStore:
 
     # -- hand-over -----------------------------------------------------------
 
-    def fetch(self, capture_ids: list[str]) -> dict[str, Any]:
-        """Hand over and forget these captures.
-
-        Returns ``{"files": {"<id>/<layer>": [path, rows]}, "errors": {id: why},
-        "data": safetensors bytes of "<id>/<layer>" rows (captures whose files
-        the client cannot see), "dtype": ...}``; ids never seen are absent.
-        """
+    def fetch(self, capture_ids: list[str]) -> FetchReply:
+        """Hand over and forget these captures (ids never seen are absent from the reply)."""
         self._lanes.drain()
-        files: dict[str, list[Any]] = {}
-        inline: dict[str, Tensor] = {}
-        errors: dict[str, str] = {}
-        for capture_id, record in self._take(capture_ids, errors):
+        reply = FetchReply(dtype=str(self.dtype).removeprefix("torch."))
+        for capture_id, record in self._take(capture_ids, reply.errors):
             rows = int(self._num_rows[record.index])
             missing = int(self._missing_from[record.index])
             if missing >= 0:
-                errors[capture_id] = f"rows from {missing} on were never recorded (vLLM skipped or exceeded them)"
+                reply.errors[capture_id] = f"rows from {missing} on were never recorded (vLLM skipped or exceeded them)"
             for layer, window in record.windows.items():
                 handed_over = missing < 0 and not record.inline
                 if handed_over:
-                    files[f"{capture_id}/{layer}"] = [str(window.path), rows]
+                    reply.files[capture_id, layer] = (str(window.path), rows)
                 elif missing < 0:
-                    inline[f"{capture_id}/{layer}"] = self.space.view(window, rows).clone()
+                    reply.inline[capture_id, layer] = self.space.view(window, rows).clone()
                 self._close(layer, window, unlink=not handed_over)
-        reply: dict[str, Any] = {"files": files, "errors": errors, "dtype": str(self.dtype).removeprefix("torch.")}
-        if inline:
-            reply["data"] = save_tensors(inline)
         return reply
 
     def release(self, capture_ids: list[str]) -> None:

