@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from workbench import ops
 from workbench.runtime.layer import SteeredDecoderLayer, StepPlan
+from workbench.runtime.layer_conventions import PAIR_SUM
 from workbench.runtime.steering_tables import ALIGNMENT_BYTES, NO_LAYER, SteeringTables
 
 
@@ -85,7 +86,7 @@ def main() -> None:
     marks = torch.full((max_tokens,), NO_LAYER, dtype=torch.int32, device=device)
     plan = StepPlan(eager=False)
     layer_tables = tables.of_layer(0, slot_index, phases, capture_flags[0, :1])
-    layer = SteeredDecoderLayer(PassThrough(), 0, plan, layer_tables, marks, max_tokens)
+    layer = SteeredDecoderLayer(PassThrough(), 0, PAIR_SUM, plan, layer_tables, marks, max_tokens)
     for name in ("add_vectors", "cap_directions", "ablation_directions"):
         getattr(layer, name).normal_()
     # Every slot caps and ablates, so every row takes the full path.

@@ -7,6 +7,7 @@ import torch
 from workbench import AblationSpec, AddSpec, LayerSteeringSpec, ProjectionCapSpec
 from workbench.ops import OP_NAMES, TARGET_CODES
 from workbench.runtime.layer import SteeredDecoderLayer, StepPlan
+from workbench.runtime.layer_conventions import PAIR_SUM
 from workbench.runtime.steering_tables import ALIGNMENT_BYTES, NO_LAYER, LayerTables, SteeringTables
 
 CPU = torch.device("cpu")
@@ -75,7 +76,7 @@ def test_every_layer_view_starts_aligned_for_torch_compile():
     plan = StepPlan(eager=False)
     for place in range(layers):
         layer_tables = tables.of_layer(place, slot_index, phases, flags[place, :1])
-        layer = SteeredDecoderLayer(torch.nn.Identity(), place, plan, layer_tables, marks, max_tokens)
+        layer = SteeredDecoderLayer(torch.nn.Identity(), place, PAIR_SUM, plan, layer_tables, marks, max_tokens)
         misaligned = [name for name, buffer in layer.named_buffers() if buffer.data_ptr() % ALIGNMENT_BYTES]
         assert not misaligned, (place, misaligned)
         assert layer.cap_min.shape[0] > 5  # slot rows 0..5 and padding

@@ -20,7 +20,7 @@ import logging
 import os
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +29,11 @@ from torch import Tensor
 from vllm import SamplingParams
 from vllm.v1.engine.async_llm import AsyncLLM
 
-from workbench import transfer, wire
+from workbench import errors, transfer, wire
 from workbench.capture import CaptureHandle, MessageBoundary
 from workbench.chat import ChatResponse, format_conversation, split_conversations
 from workbench.completion import Completion
-from workbench.config import VLLMSteeringConfig, engine_args, is_cpu_platform
+from workbench.config import VLLMSteeringConfig, engine_args, engine_environment, is_cpu_platform
 from workbench.errors import (
     CaptureError,
     EngineClosedError,
@@ -87,13 +87,6 @@ class VLLMSteerModel:
         **engine_kwargs: Any,
     ) -> None:
         self.cfg = cfg = cfg or VLLMSteeringConfig()
-        # vLLM reads these when it starts its engine processes, which inherit them.
-        for key, value in wire.ENGINE_ENV.items():
-            if os.environ.get(key, value) != value:
-                logger.warning("workbench needs %s=%s (was %s); overriding", key, value, os.environ[key])
-            os.environ[key] = value
-        for key, value in wire.ENGINE_ENV_DEFAULTS.items():
-            os.environ.setdefault(key, value)
         if enforce_eager is None:
             enforce_eager = is_cpu_platform()
         self.enforce_eager = enforce_eager
@@ -101,13 +94,13 @@ class VLLMSteerModel:
         self._model_path = args.model
         self._output = EngineOutput(cfg.log_file)
         try:
-            with self._output.attached():
+            with self._output.attached(), _environment(engine_environment(cfg)):
                 self._engine = AsyncLLM.from_engine_args(args)
         except Exception as error:
             self._output.drain()
             reason = self._output.failure_reason() or f"{type(error).__name__}: {error}"
             where = f"; the engine's log is in {cfg.log_file}" if cfg.log_file else ""
-            raise EngineStartError(
+            raise _start_error(reason)(
                 f"the vLLM engine for {cfg.model_name!r} failed to start: {reason}{where}"
             ) from error
         model_config = self._engine.model_config
@@ -696,6 +689,33 @@ def resolve_sampling(sampling_params: Any, sampling_kwargs: Mapping[str, Any], *
     if not isinstance(sampling_params, SamplingParams):
         raise TypeError(f"sampling_params must be a vllm.SamplingParams, got {type(sampling_params).__name__}")
     return sampling_params
+
+
+@contextlib.contextmanager
+def _environment(variables: Mapping[str, str]) -> Iterator[None]:
+    """Set ``variables`` while the engine starts: its processes inherit them,
+    and this process's environment is left as it was."""
+    saved = {key: os.environ.get(key) for key in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _start_error(reason: str) -> type[WorkbenchError]:
+    """The error class for an engine that failed to start: ours when the workers
+    raised one of ours (e.g. ``UnsupportedModelError`` for a model the runtime
+    refuses), else ``EngineStartError``."""
+    name = reason.split(":", 1)[0].removeprefix("workbench.errors.")
+    cls = getattr(errors, name, None)
+    if reason.startswith("workbench.errors.") and isinstance(cls, type) and issubclass(cls, WorkbenchError):
+        return cls
+    return EngineStartError
 
 
 def _weak_callback(

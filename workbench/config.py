@@ -15,6 +15,7 @@ from typing import Any
 
 from workbench import __version__, wire
 from workbench.embedded import DEFAULT_MODEL_NAME, EMBEDDED_DTYPE, is_embedded, resolve_model_name
+from workbench.errors import EngineConfigError
 
 CPU_KV_CACHE_BYTES = 2 << 30
 """KV cache of a CPU engine unless VLLM_CPU_KVCACHE_SPACE or kv_cache_memory_bytes says otherwise."""
@@ -44,6 +45,12 @@ class VLLMSteeringConfig:
     rpc_timeout_s: float = 300.0
     """Longest wait for a worker RPC (loading a spec, fetching captures) before
     ``WorkerTimeoutError``; generation itself has no time limit."""
+    model_runner: str = "auto"
+    """vLLM's model runner: ``auto`` (vLLM's choice: V2 for dense models on CUDA,
+    V1 on CPU), ``v1`` or ``v2``."""
+    layers_path: str | None = None
+    """Dotted path of the decoder layers' ModuleList in vLLM's model (e.g. ``model.layers``);
+    by default the outermost ModuleList holding the config's number of layers."""
     log_file: str | None = None
     """Where the engine processes' output goes (default: this process's stderr).
     vLLM logs at WARNING unless ``WORKBENCH_LOG_LEVEL`` or ``VLLM_LOGGING_LEVEL`` says otherwise."""
@@ -69,6 +76,16 @@ def runtime_salt() -> str:
     return digest.hexdigest()[:16]
 
 
+def engine_environment(cfg: VLLMSteeringConfig) -> dict[str, str]:
+    """Environment the engine processes start with (they inherit it)."""
+    if cfg.model_runner not in wire.MODEL_RUNNER_ENV:
+        raise EngineConfigError(
+            f"model_runner must be one of {sorted(wire.MODEL_RUNNER_ENV)}, got {cfg.model_runner!r}"
+        )
+    defaults = {key: value for key, value in wire.ENGINE_ENV_DEFAULTS.items() if key not in os.environ}
+    return {**defaults, **wire.MODEL_RUNNER_ENV[cfg.model_runner]}
+
+
 def resolved_dtype(cfg: VLLMSteeringConfig) -> str:
     return EMBEDDED_DTYPE if cfg.dtype == "auto" and is_embedded(cfg.model_name) else cfg.dtype
 
@@ -83,7 +100,9 @@ def engine_args(cfg: VLLMSteeringConfig, enforce_eager: bool, **engine_kwargs: A
         # On CPU, vLLM otherwise reserves gpu_memory_utilization of *host*
         # memory, so a second engine in the same machine cannot start.
         engine_kwargs.setdefault("kv_cache_memory_bytes", CPU_KV_CACHE_BYTES)
-    settings = wire.EngineSettings(num_slots=cfg.max_steering_slots, runtime=runtime_salt())
+    settings = wire.EngineSettings(
+        num_slots=cfg.max_steering_slots, runtime=runtime_salt(), layers_path=cfg.layers_path
+    )
     return AsyncEngineArgs(
         model=resolve_model_name(cfg.model_name),
         tensor_parallel_size=cfg.tensor_parallel_size,

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from workbench import ops
 from workbench.embedded import DEFAULT_MODEL_NAME, resolve_model_name
 from workbench.errors import SpecError
-from workbench.model_layers import decoder_layer_list
+from workbench.model_layers import decoder_layer_list, layer_count_of
 from workbench.specs import LayerSteeringSpec, SteeringSpec
 
 
@@ -38,6 +38,11 @@ def load_reference_model(
     path = resolve_model_name(model_name)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     return model, AutoTokenizer.from_pretrained(path)
+
+
+def reference_layers(model: nn.Module, path: str | None = None) -> nn.ModuleList:
+    """The decoder layers of a Hugging Face model (found by structure, or at ``path``)."""
+    return decoder_layer_list(model, layer_count_of(model.config), path)
 
 
 def _output_stream(output: Any) -> Tensor:
@@ -56,7 +61,11 @@ def _layer_hook(layer_spec: LayerSteeringSpec, prompt_length: int | None) -> Any
         nonlocal seen
         stream = _output_stream(output)
         rows = stream.shape[-2]
-        cast = {"dtype": stream.dtype, "device": stream.device}
+
+        def vector(tensor: Tensor) -> Tensor:
+            # As the engine's tables hold it: in the model's dtype, then computed in float32.
+            return tensor.to(device=stream.device, dtype=stream.dtype).float()
+
         masks = ops.NO_MASKS
         if prompt_length is not None:
             positions = torch.arange(seen, seen + rows, device=stream.device).unsqueeze(-1)
@@ -71,16 +80,16 @@ def _layer_hook(layer_spec: LayerSteeringSpec, prompt_length: int | None) -> Any
         cap = layer_spec.projection_cap
         ablation = layer_spec.ablation
         steered = ops.apply_layer_ops(
-            stream,
-            add=layer_spec.add.effect.to(**cast) if layer_spec.add is not None else None,
-            cap_direction=None if cap is None else cap.vector.to(**cast),
+            stream.float(),
+            add=vector(layer_spec.add.effect) if layer_spec.add is not None else None,
+            cap_direction=None if cap is None else vector(cap.vector),
             cap_min=None if cap is None else cap.min,
             cap_max=None if cap is None else cap.max,
-            ablation_direction=None if ablation is None else ablation.vector.to(**cast),
+            ablation_direction=None if ablation is None else vector(ablation.vector),
             ablation_scale=1.0 if ablation is None else ablation.scale,
             masks=masks,
         )
-        return _replace_stream(output, steered)
+        return _replace_stream(output, steered.to(stream.dtype))
 
     return hook
 
@@ -93,7 +102,7 @@ def steering_hooks(model: nn.Module, spec: SteeringSpec, prompt_length: int | No
     target prompt or generated tokens need ``prompt_length``; the hooks then
     count the rows they see, so use one block per sequence (batch size 1).
     """
-    layers = decoder_layer_list(model)
+    layers = reference_layers(model)
     spec.validate_for(model.config.hidden_size, len(layers), next(model.parameters()).dtype)
     targeted = any(op.positions != "all" for layer in spec.layers.values() for _, op in layer.ops())
     if targeted and prompt_length is None:
@@ -113,7 +122,7 @@ def steering_hooks(model: nn.Module, spec: SteeringSpec, prompt_length: int | No
 def capture_hooks(model: nn.Module, layers: Sequence[int]) -> Iterator[dict[int, list[Tensor]]]:
     """Record the residual stream after each of ``layers`` (after any steering
     hooks registered before), one tensor per forward call."""
-    modules = decoder_layer_list(model)
+    modules = reference_layers(model)
     records: dict[int, list[Tensor]] = {layer: [] for layer in layers}
 
     def recorder(layer: int) -> Any:

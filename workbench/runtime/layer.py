@@ -1,7 +1,8 @@
 """The decoder-layer wrapper that runs inside vLLM's forward pass.
 
 ``SteeredDecoderLayer`` wraps one vLLM decoder layer and runs its steering
-operator (``workbench.runtime.layer_op``) on the layer's output stream. The
+operator (``workbench.runtime.layer_op``) on the layer's output stream, read
+and handed on by the layer's convention (``layer_conventions``). The
 operator reads the layer's ``LayerTables``: views of the per-slot tables, and
 the per-token slot index, phases and capture flag that the worker fills
 before every step, all in place, so the same code serves eager mode,
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from workbench.runtime.layer_conventions import LayerConvention
 from workbench.runtime.layer_op import FULL_USE, NO_USE, LayerUse, fused_kernel, steer_rows_torch
 from workbench.runtime.steering_tables import LayerTables
 
@@ -43,17 +45,17 @@ class StepPlan:
 class SteeredDecoderLayer(nn.Module):
     """A decoder layer followed by the steering ops and a capture write.
 
-    vLLM's Llama-style layers return ``(hidden_states, residual)`` whose sum is
-    the residual stream after the layer (HF ``hidden_states[i + 1]``). We
-    steer that sum and hand it on as ``(steered, zeros)``: the next layer's
-    fused add-norm then sees exactly ``steered``, and an unsteered token sees
-    exactly the sum vLLM would have formed itself.
+    The layer's output is read as the residual stream after the layer (HF
+    ``hidden_states[i + 1]``) by its ``convention``, steered, and handed on in
+    the layer's own form, so that the next layer sees exactly the steered
+    stream and an unsteered token exactly what vLLM would have passed on.
     """
 
     def __init__(
         self,
         inner: nn.Module,
         index: int,
+        convention: LayerConvention,
         plan: StepPlan,
         tables: LayerTables,
         nonfinite_rows: Tensor,
@@ -62,6 +64,7 @@ class SteeredDecoderLayer(nn.Module):
         super().__init__()
         self.inner = inner
         self.index = index
+        self.convention = convention
         self.plan = plan
         # Buffers, so torch.compile treats them as the model's own tensors (graph inputs, not constants).
         for name, table in tables._asdict().items():
@@ -75,23 +78,21 @@ class SteeredDecoderLayer(nn.Module):
     def tables(self) -> LayerTables:
         return LayerTables._make(getattr(self, name) for name in LayerTables._fields)
 
-    def forward(
-        self, positions: Tensor, hidden_states: Tensor, residual: Tensor | None, *args: Any, **kwargs: Any
-    ) -> tuple[Tensor, Tensor]:
-        out, residual = self.inner(positions, hidden_states, residual, *args, **kwargs)
-        if not self.plan.eager:
-            return self._steer(out, residual, FULL_USE, capture=True)
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        output = self.inner(*args, **kwargs)
         plan = self.plan
-        use = plan.layer_ops.get(self.index)
-        capture = self.index in plan.capture_layers
-        watch = plan.watch_from is not None and self.index >= plan.watch_from
-        if use is None and not capture and not watch:
-            return out, residual
-        return self._steer(out, residual, use or NO_USE, capture, watch)
+        if plan.eager:
+            use = plan.layer_ops.get(self.index)
+            capture = self.index in plan.capture_layers
+            watch = plan.watch_from is not None and self.index >= plan.watch_from
+            if use is None and not capture and not watch:
+                return output
+        else:
+            use, capture, watch = FULL_USE, True, True
+        out, residual = self.convention.split(output)
+        return self.convention.join(output, self._steer(out, residual, use or NO_USE, capture, watch))
 
-    def _steer(
-        self, out: Tensor, residual: Tensor, use: LayerUse, capture: bool, watch: bool = True
-    ) -> tuple[Tensor, Tensor]:
+    def _steer(self, out: Tensor, residual: Tensor | None, use: LayerUse, capture: bool, watch: bool) -> Tensor:
         tables, marks = self.tables(), self.nonfinite_rows
         if self._kernel is None:
             # No fused kernel (CPU): the torch code, inline for torch.compile to fuse.
@@ -104,4 +105,4 @@ class SteeredDecoderLayer(nn.Module):
             steered = torch.ops.workbench.steer_rows(
                 out, residual, list(tables), self.captured, marks, self.index, capture
             )
-        return steered, torch.zeros_like(residual)
+        return steered

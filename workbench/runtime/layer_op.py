@@ -1,7 +1,8 @@
 """One layer's steering, capture write and inf/NaN watch, as one operator.
 
-``steer_rows`` takes a decoder layer's output stream (``out + residual``),
-applies the ops of each row's slot (``LayerTables``), writes the result into
+``steer_rows`` takes a decoder layer's output stream (``out + residual``, or
+``out`` alone), applies the ops of each row's slot (``LayerTables``) in
+float32, rounding once to the model's dtype, writes the result into
 the layer's capture buffer, and marks in ``nonfinite_rows`` the steered rows
 that came out broken (inf, NaN, or beyond what the next layer's norm can
 square: ``ops.stream_limit``), the lowest such layer per row. Two implementations:
@@ -56,7 +57,7 @@ SteerRows = Callable[..., Tensor]
 
 def steer_rows_torch(
     out: Tensor,
-    residual: Tensor,
+    residual: Tensor | None,
     tables: LayerTables,
     captured: Tensor,
     nonfinite_rows: Tensor,
@@ -65,13 +66,15 @@ def steer_rows_torch(
     use: LayerUse = FULL_USE,
     watch: bool = True,
 ) -> Tensor:
-    """``ops.apply_layer_ops`` on ``out + residual``, each row with its slot's
-    table rows; ``use`` says which ops some row uses (the others are skipped).
+    """``ops.apply_layer_ops`` on ``out + residual`` (the sum rounded to the
+    model's dtype as the next layer would form it; ``out`` when ``residual`` is
+    None), each row with its slot's table rows, in float32, the result rounded
+    once; ``use`` says which ops some row uses (the others are skipped).
     ``capture`` writes the result into ``captured`` (the fused kernel also
     reads the layer's capture flag; this path has no data-dependent branch, so
     a compiled engine writes it every step); ``watch`` marks steered rows
     that broke (``ops.broken_rows``)."""
-    stream = out + residual
+    stream = out if residual is None else out + residual
     rows = stream.shape[0]
     slots = tables.slot_index[:rows]
     masks = ops.NO_MASKS
@@ -79,16 +82,20 @@ def steer_rows_torch(
         targets = tables.op_targets[slots]
         phases = tables.row_phases[:rows]
         masks = tuple(ops.position_mask(targets[:, i : i + 1], phases) for i in range(len(ops.OP_NAMES)))  # type: ignore[assignment]
+
+    def rows_of(table: Tensor) -> Tensor:
+        return table[slots].float()
+
     steered = ops.apply_layer_ops(
-        stream,
-        add=tables.add_vectors[slots] if use.add else None,
-        cap_direction=tables.cap_directions[slots] if use.cap else None,
-        cap_min=tables.cap_min[slots] if use.cap else None,
-        cap_max=tables.cap_max[slots] if use.cap else None,
-        ablation_direction=tables.ablation_directions[slots] if use.ablation else None,
-        ablation_scale=tables.ablation_scales[slots] if use.ablation else 1.0,
+        stream.float(),
+        add=rows_of(tables.add_vectors) if use.add else None,
+        cap_direction=rows_of(tables.cap_directions) if use.cap else None,
+        cap_min=rows_of(tables.cap_min) if use.cap else None,
+        cap_max=rows_of(tables.cap_max) if use.cap else None,
+        ablation_direction=rows_of(tables.ablation_directions) if use.ablation else None,
+        ablation_scale=rows_of(tables.ablation_scales) if use.ablation else 1.0,
         masks=masks,
-    )
+    ).to(stream.dtype)
     if watch:
         marks = nonfinite_rows[:rows]
         broken = slots.ne(0) & ops.broken_rows(steered)
@@ -101,7 +108,7 @@ def steer_rows_torch(
 @torch.library.custom_op("workbench::steer_rows", mutates_args=("captured", "nonfinite_rows"))
 def steer_rows_op(
     out: Tensor,
-    residual: Tensor,
+    residual: Tensor | None,
     tables: list[Tensor],
     captured: Tensor,
     nonfinite_rows: Tensor,

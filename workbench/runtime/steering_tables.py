@@ -51,13 +51,13 @@ class LayerTables(NamedTuple):
     cap_directions: Tensor
     """``[rows, H]``: per slot, the unit direction of the projection cap."""
     cap_min: Tensor
-    """``[rows, 1]``: per slot, the cap's lower bound (-inf: open)."""
+    """``[rows, 1]`` float32: per slot, the cap's lower bound (-inf: open)."""
     cap_max: Tensor
-    """``[rows, 1]``: per slot, the cap's upper bound (inf: open)."""
+    """``[rows, 1]`` float32: per slot, the cap's upper bound (inf: open)."""
     ablation_directions: Tensor
     """``[rows, H]``: per slot, the unit direction of the ablation."""
     ablation_scales: Tensor
-    """``[rows, 1]``: per slot, the factor of the ablated component (1: untouched)."""
+    """``[rows, 1]`` float32: per slot, the factor of the ablated component (1: untouched)."""
     op_targets: Tensor
     """``[rows, 3]`` int8: per slot and op (columns in ``OP_NAMES`` order), its ``TARGET_CODES`` target."""
     capture_flag: Tensor
@@ -118,13 +118,15 @@ class SteeringTables:
 
 
 def _neutral_rows(shape: tuple[int, ...], hidden: int, dtype: torch.dtype) -> dict[str, Tensor]:
+    """Vectors in the model's dtype; bounds and scales in float32, the dtype
+    the ops compute in (in bfloat16 an ablation scale of 0.3 would be 0.30078)."""
     return {
         "add_vectors": torch.zeros(*shape, hidden, dtype=dtype),
         "cap_directions": torch.zeros(*shape, hidden, dtype=dtype),
-        "cap_min": torch.full((*shape, 1), -torch.inf, dtype=dtype),
-        "cap_max": torch.full((*shape, 1), torch.inf, dtype=dtype),
+        "cap_min": torch.full((*shape, 1), -torch.inf),
+        "cap_max": torch.full((*shape, 1), torch.inf),
         "ablation_directions": torch.zeros(*shape, hidden, dtype=dtype),
-        "ablation_scales": torch.ones(*shape, 1, dtype=dtype),
+        "ablation_scales": torch.ones(*shape, 1),
         "op_targets": torch.zeros(*shape, len(OP_NAMES), dtype=torch.int8),
     }
 

@@ -15,8 +15,9 @@ program holds a row in registers, takes the three dot products in one pass
 (only for rows whose slot caps or ablates) and writes once, or twice when
 the layer is captured.
 
-Numerics: the stream ``out + residual`` is rounded to the model's dtype as
-torch rounds it, the ops run in float32 and the result is rounded once.
+Numerics: the stream ``out + residual`` (or ``out`` alone, for layers that
+return the stream) is rounded to the model's dtype as torch rounds it, the
+ops run in float32 and the result is rounded once, as the torch path does.
 Neutral parameters (zero vectors, open bounds, scale 1) give back the
 rounded stream bit for bit, as the torch path does; an add alone equals the
 torch path's result bit for bit; cap and ablation differ from torch's
@@ -66,6 +67,7 @@ def _steer_rows_kernel(
     hidden,
     out_stride,
     residual_stride,
+    HAS_RESIDUAL: tl.constexpr,
     CAPTURE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -73,8 +75,11 @@ def _steer_rows_kernel(
     cols = tl.arange(0, BLOCK)
     inside = cols < hidden
     out = tl.load(out_ptr + row * out_stride + cols, mask=inside, other=0.0)
-    residual = tl.load(residual_ptr + row * residual_stride + cols, mask=inside, other=0.0)
-    stream = (out.to(tl.float32) + residual.to(tl.float32)).to(out.dtype).to(tl.float32)
+    if HAS_RESIDUAL:
+        residual = tl.load(residual_ptr + row * residual_stride + cols, mask=inside, other=0.0)
+        stream = (out.to(tl.float32) + residual.to(tl.float32)).to(out.dtype).to(tl.float32)
+    else:
+        stream = out.to(tl.float32)
 
     slot = tl.load(slot_ptr + row)
     phase = tl.load(phase_ptr + row).to(tl.int32)
@@ -125,7 +130,7 @@ def _steer_rows_kernel(
 
 def steer_rows(
     out: Tensor,
-    residual: Tensor,
+    residual: Tensor | None,
     tables: Sequence[Tensor],
     captured: Tensor,
     nonfinite_rows: Tensor,
@@ -146,7 +151,7 @@ def steer_rows(
         block = triton.next_power_of_2(hidden)
         _steer_rows_kernel[(rows,)](
             out,
-            residual,
+            out if residual is None else residual,
             steered,
             captured,
             t.capture_flag,
@@ -164,7 +169,8 @@ def steer_rows(
             t.op_targets,
             hidden,
             out.stride(0),
-            residual.stride(0),
+            out.stride(0) if residual is None else residual.stride(0),
+            HAS_RESIDUAL=residual is not None,
             CAPTURE=capture,
             BLOCK=block,
             num_warps=min(max(block // 512, 1), 16),

@@ -31,6 +31,7 @@ from workbench.ops import TARGET_CODES
 from workbench.runtime import _vllm_internals as vi
 from workbench.runtime.capture_store import CaptureStore
 from workbench.runtime.layer import SteeredDecoderLayer, StepPlan
+from workbench.runtime.layer_conventions import convention_of
 from workbench.runtime.layer_op import LayerUse
 from workbench.runtime.nonfinite import NonfiniteWatch
 from workbench.runtime.steering_tables import ALIGNMENT_BYTES, NO_LAYER, SteeringTables
@@ -114,10 +115,20 @@ class SteeringRuntime:
         """Parsed payloads of the requests in the batch, by vLLM request id."""
         self._pending_slots: dict[int, tuple[SteeringSpec, set[int]]] = {}
         """Slot -> (spec, layers to write), written by the next step."""
+        self._extra_args: vi.ExtraArgs = lambda req_id: None
+        """Scheduled requests' ``extra_args`` (set when the step hooks are installed)."""
+
+    def install(self, runner: Any) -> None:
+        """Hook into ``runner``'s steps (once); only tensor-parallel rank 0 records captures."""
+        if not self.hooked:
+            self._extra_args = vi.install_step_hooks(runner, self.before_step, self.after_step)
+            self.records_captures = vi.tensor_parallel_rank() == 0
+            self.hooked = True
+            logger.info("workbench: step hooks on vLLM's %s model runner", vi.runner_name(runner))
 
     # step hooks (called around every forward by the model runner)
 
-    def before_step(self, runner: Any) -> None:
+    def before_step(self, step: vi.StepRows) -> None:
         """Write each row's slot and phase (prompt or generated), and each
         layer's capture flag, for the step about to run. Rows past the step's
         last are padding whose outputs vLLM drops, so they keep whatever they
@@ -130,9 +141,9 @@ class SteeringRuntime:
         """
         if self._pending_slots:
             self._write_pending_slots()
-        step = self._step = vi.step_rows(runner)
+        self._step = step
         if step.req_ids != self._batch.req_ids:
-            self._batch = self._read_batch(runner, step.req_ids)
+            self._batch = self._read_batch(step.req_ids)
             recorded = self._batch.capture_layers if self.records_captures else frozenset()
             flags = np.zeros(self.capture_flags.target.shape, dtype=np.int8)
             flags[:, 0] = [index in recorded for index in self.layers]
@@ -155,12 +166,10 @@ class SteeringRuntime:
             self.plan.capture_layers = batch.capture_layers
             self.plan.watch_from = min(layer_ops, default=None) if self.records_captures else None
 
-    def _read_batch(self, runner: Any, req_ids: tuple[str, ...]) -> _Batch:
+    def _read_batch(self, req_ids: tuple[str, ...]) -> _Batch:
         known = self._payloads
         self._payloads = {
-            req_id: known[req_id]
-            if req_id in known
-            else wire.RequestPayload.from_extra_args(vi.scheduled_extra_args(runner, req_id))
+            req_id: known[req_id] if req_id in known else wire.RequestPayload.from_extra_args(self._extra_args(req_id))
             for req_id in req_ids
         }
         return _Batch.of(req_ids, [self._payloads[req_id] for req_id in req_ids])
@@ -185,7 +194,7 @@ class SteeringRuntime:
             self._layer_use_cache[slots] = cached
         return cached
 
-    def after_step(self, runner: Any) -> None:
+    def after_step(self) -> None:
         """Record the rows of capturing requests (see ``capture_store``) and the steered rows' inf/NaN marks."""
         batch, step = self._batch, self._step
         assert step is not None
@@ -223,9 +232,12 @@ def install_steering(model: nn.Module, vllm_config: Any) -> SteeringRuntime:
     hidden_size = vllm_config.model_config.get_hidden_size()
     dtype = vllm_config.model_config.dtype
     device = next(model.parameters()).device
-    layer_list = decoder_layer_list(model)
+    layer_count = vllm_config.model_config.get_total_num_hidden_layers()
+    layer_list = decoder_layer_list(model, layer_count, settings.layers_path)
     plan = StepPlan(eager=vi.runs_python_every_step(vllm_config))
     local = [index for index, layer in enumerate(layer_list) if not vi.is_missing_layer(layer)]
+    hf_backend = vi.is_transformers_backend(model)
+    conventions = {index: convention_of(layer_list[index], hf_backend) for index in local}
     inputs = {
         "slot_index": torch.zeros(max_tokens, dtype=torch.long, device=device),
         "row_phases": torch.zeros(max_tokens, 1, dtype=torch.int8, device=device),
@@ -240,15 +252,17 @@ def install_steering(model: nn.Module, vllm_config: Any) -> SteeringRuntime:
             place, inputs["slot_index"], inputs["row_phases"], inputs["capture_flags"][place, :1]
         )
         wrapper = SteeredDecoderLayer(
-            layer_list[index], index, plan, layer_tables, inputs["nonfinite_rows"], max_tokens
+            layer_list[index], index, conventions[index], plan, layer_tables, inputs["nonfinite_rows"], max_tokens
         )
         layer_list[index] = wrapper
         steered[index] = wrapper
     runtime = SteeringRuntime(steered, tables, inputs, plan, settings.num_slots)
     model.workbench_runtime = runtime
     logger.info(
-        "workbench: steering installed on %d layers, %d slots, %s mode",
+        "workbench: steering installed on %d %s layers (%s), %d slots, %s mode",
         len(steered),
+        type(layer_list[local[0]]).__name__ if local else "no",
+        ", ".join(sorted({convention.name for convention in conventions.values()})),
         settings.num_slots,
         "eager" if plan.eager else "compiled",
     )
@@ -287,10 +301,7 @@ class WorkbenchWorkerExtension:
 
     def workbench_setup(self) -> dict[str, Any]:
         runtime = self._workbench_runtime()
-        if not runtime.hooked:
-            vi.wrap_model_forward(self.model_runner, runtime.before_step, runtime.after_step)  # type: ignore[attr-defined]
-            runtime.records_captures = vi.tensor_parallel_rank() == 0
-            runtime.hooked = True
+        runtime.install(self.model_runner)  # type: ignore[attr-defined]
         return wire.WorkerInfo(tuple(sorted(runtime.layers)), runtime.num_slots).to_wire()
 
     def workbench_load_slots(self, loads: list[tuple[int, dict[str, Any]]]) -> None:
