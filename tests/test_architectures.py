@@ -52,8 +52,9 @@ COMPILED = ["llama", "gemma2", "cohere", "gpt2"]
 """One architecture per layer convention, plus Gemma2's extra norms, in vLLM's compiled mode."""
 
 LIFECYCLE_CYCLES = 20
-MEMORY_GROWTH_MB = 150
-"""Allowed growth of this process's memory from the third engine to the last."""
+MEMORY_GROWTH_MB = 100
+"""Allowed growth of this process's memory over the engines of architectures
+already seen (a new architecture imports its modelling code for good)."""
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,8 @@ class Lifecycle:
 
     def __init__(self) -> None:
         self.known = {process.pid for process in psutil.Process().children(recursive=True)}
-        self.memory_mb: list[int] = []
+        self.cycles: list[tuple[str, int]] = []
+        """(architecture, this process's memory in MiB) after each engine is gone."""
 
     def engine_processes(self) -> list[psutil.Process]:
         alive = []
@@ -79,13 +81,13 @@ class Lifecycle:
                 pass
         return alive
 
-    async def after_del(self, timeout_s: float = 60.0) -> None:
+    async def after_del(self, arch: str, timeout_s: float = 60.0) -> None:
         gc.collect()
         deadline = time.monotonic() + timeout_s
         while (left := self.engine_processes()) and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
         assert left == [], f"engine processes still running after del: {[p.name() for p in left]}"
-        self.memory_mb.append(psutil.Process().memory_info().rss >> 20)
+        self.cycles.append((arch, psutil.Process().memory_info().rss >> 20))
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +159,7 @@ async def test_architecture_steers_and_captures_as_hf(arch, eager, models, lifec
         assert await model.generate(PROMPT, max_tokens=NEW_TOKENS, temperature=0.0) == [texts[0]]
     finally:
         del model
-    await lifecycle.after_del()
+    await lifecycle.after_del(arch)
 
 
 HALF_PRECISION = {
@@ -210,7 +212,7 @@ async def test_half_precision_steers_as_hf_computing_in_float32(dtype, models, l
                 assert ((rows @ direction).abs() <= epsilon / 2 * norms).all()
     finally:
         del model
-    await lifecycle.after_del()
+    await lifecycle.after_del("llama")
 
 
 @pytest.mark.slow
@@ -220,7 +222,7 @@ async def test_an_unclaimed_layer_class_is_refused_at_start_up(models, lifecycle
     folder = tiny_model("nemotron", models / "nemotron")
     with pytest.raises(UnsupportedModelError, match=r"NemotronDecoderLayer.*pair-sum"):
         VLLMSteerModel(engine_config(folder))
-    await lifecycle.after_del()
+    await lifecycle.after_del("nemotron")
 
 
 @pytest.mark.slow
@@ -235,15 +237,22 @@ async def test_an_engine_that_cannot_start_raises_with_vllms_reason(models, life
     with pytest.raises(EngineStartError, match=r"failed to start: [\w.]*SafetensorError: "):
         VLLMSteerModel(engine_config(broken))
     assert time.monotonic() - started < 120  # promptly: no hang once the engine has given up
-    await lifecycle.after_del()
+    await lifecycle.after_del("llama")
 
 
 @pytest.mark.slow
 def test_deleted_engines_leave_nothing_and_memory_stays_flat(lifecycle):
     """``del model``, 20 times and more (the tests above), leaves no engine
-    process (checked after each) and this process's memory flat."""
-    cycles = len(lifecycle.memory_mb)
-    if cycles < LIFECYCLE_CYCLES:
-        pytest.skip(f"only {cycles} engines ran (a subset of this module was selected)")
-    memory = lifecycle.memory_mb
-    assert memory[-1] - memory[2] < MEMORY_GROWTH_MB, memory
+    process (checked after each) and this process's memory flat once the
+    architectures' code is loaded: the engines of architectures seen before
+    (the compiled runs, half precision, the failed start) add nothing."""
+    if len(lifecycle.cycles) < LIFECYCLE_CYCLES:
+        pytest.skip(f"only {len(lifecycle.cycles)} engines ran (a subset of this module was selected)")
+    seen: set[str] = set()
+    repeats = []
+    for arch, memory in lifecycle.cycles:
+        if arch in seen:
+            repeats.append(memory)
+        seen.add(arch)
+    assert len(repeats) >= 5, lifecycle.cycles
+    assert max(repeats) - repeats[0] < MEMORY_GROWTH_MB, lifecycle.cycles
