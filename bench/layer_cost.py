@@ -18,6 +18,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -80,7 +81,7 @@ def main() -> None:
     device, dtype = torch.device("cuda"), torch.bfloat16
     max_tokens = max(args.tokens)
     slot_index = torch.randint(0, args.slots + 1, (max_tokens,), device=device)
-    phases = ops.row_phases(torch.rand(max_tokens, 1, device=device) > 0.5)
+    phases = torch.from_numpy(ops.row_codes(np.arange(max_tokens) % 97, prompt_length=48)).to(device)
     tables = SteeringTables.create(1, args.slots, args.hidden, dtype, device)
     capture_flags = torch.ones(1, ALIGNMENT_BYTES, dtype=torch.int8, device=device)  # captured: the costliest path
     marks = torch.full((max_tokens,), NO_LAYER, dtype=torch.int32, device=device)

@@ -7,7 +7,17 @@ import torch
 from vllm import SamplingParams
 
 from tests.helpers import assert_rows_match
-from workbench import AddSpec, CaptureError, CaptureIndexError, ChatError, ChatResponse, LayerSteeringSpec, SteeringSpec
+from workbench import (
+    AblationSpec,
+    AddSpec,
+    CaptureError,
+    CaptureIndexError,
+    ChatError,
+    ChatResponse,
+    LayerSteeringSpec,
+    SpecError,
+    SteeringSpec,
+)
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16)
 HISTORY = [
@@ -145,3 +155,54 @@ async def test_sampling_keyword_arguments(model):
 async def test_bad_conversations_raise_chat_errors(model, messages, options, message):
     with pytest.raises(ChatError, match=message):
         await model.chat(messages, sampling_params=GREEDY, chat_options=options)
+
+
+CONVERSATION = [
+    {"role": "system", "content": "You are a terse assistant."},
+    {"role": "user", "content": "Name a colour."},
+    {"role": "assistant", "content": "Blue."},
+    {"role": "user", "content": "Name another one."},
+]
+
+
+async def test_role_and_message_targeting_matches_hf(model, hf):
+    """Ops that target a role or a message act on exactly those rows (the
+    assistant's include what it generates), as the Hugging Face reference
+    with the same message boundaries does."""
+    from workbench.hf_reference import generate_reference
+
+    generator = torch.Generator().manual_seed(21)
+    vector = torch.randn(576, generator=generator)
+    spec = SteeringSpec(
+        {
+            3: LayerSteeringSpec(add=AddSpec(vector, scale=6.0, positions="user")),
+            6: LayerSteeringSpec(ablation=AblationSpec(torch.randn(576, generator=generator), scale=0.0, positions=2)),
+            9: LayerSteeringSpec(add=AddSpec(vector, scale=3.0, positions="assistant")),
+        }
+    )
+    layers = [3, 6, 9, 20]
+    (_, baseline), (_, steered) = [
+        await model.chat(CONVERSATION, sampling_params=GREEDY, capture_layers=layers, steering_spec=s)
+        for s in (SteeringSpec(), spec)
+    ]
+    await model.fetch_captures_batch([*baseline, *steered])
+    handle = steered[0]
+    reference = generate_reference(hf[0], handle.prompt_token_ids, 16, spec, layers, handle.message_boundaries)
+    assert list(handle.generated_token_ids) == reference.token_ids
+    assert list(handle.generated_token_ids) != list(baseline[0].generated_token_ids)
+    for layer in layers:
+        assert_rows_match(handle.hidden(layer), reference.captures[layer])
+    # At layer 3 only the user messages' rows moved, each by exactly the added vector.
+    moved = handle.hidden(3)[: len(handle.prompt_token_ids)] - baseline[0].hidden(3)[: len(handle.prompt_token_ids)]
+    for index, boundary in enumerate(handle.message_boundaries):
+        rows = moved[boundary.start : boundary.end]
+        if boundary.role == "user":
+            assert torch.allclose(rows, (vector * 6.0).expand_as(rows), atol=1e-4), index
+        else:
+            assert torch.equal(rows, torch.zeros_like(rows)), index
+
+
+async def test_role_targeting_needs_a_chat(model):
+    spec = SteeringSpec({3: LayerSteeringSpec(add=AddSpec(torch.ones(576), positions="user"))})
+    with pytest.raises(SpecError, match="chat roles or messages"):
+        await model.generate("Hello", GREEDY, steering_spec=spec)

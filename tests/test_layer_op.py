@@ -6,9 +6,11 @@ CUDA kernel is compared in test_gpu.py."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from workbench import AddSpec, LayerSteeringSpec, ProjectionCapSpec
+from workbench.ops import row_codes
 from workbench.runtime.layer_op import steer_rows_torch
 from workbench.runtime.steering_tables import NO_LAYER, LayerTables, SteeringTables
 
@@ -30,8 +32,8 @@ class Steered(torch.nn.Module):
         ]
         tables.write([0, 0, 0], [1, 2, 3], entries)
         slot_index = torch.arange(max_rows) % 3  # slot 3 only where a test asks for it
-        phases = (1 + torch.arange(max_rows) % 2).to(torch.int8)[:, None]
-        layer = tables.of_layer(0, slot_index, phases, torch.ones(1, dtype=torch.int8))
+        codes = torch.from_numpy(row_codes(np.arange(max_rows) % 7, prompt_length=4))
+        layer = tables.of_layer(0, slot_index, codes, torch.ones(1, dtype=torch.int8))
         for name, table in layer._asdict().items():
             self.register_buffer(name, table)
         self.register_buffer("captured", torch.zeros(max_rows, hidden))
@@ -72,7 +74,8 @@ def test_marks_keep_the_lowest_layer_and_skip_unsteered_rows():
     tables = SteeringTables.create(1, 1, 4, torch.float32, torch.device("cpu"))
     tables.write([0], [1], [LayerSteeringSpec(add=AddSpec(torch.ones(4)))])
     slot_index = torch.tensor([0, 1, 1])
-    layer = tables.of_layer(0, slot_index, torch.ones(3, 1, dtype=torch.int8), torch.ones(1, dtype=torch.int8))
+    codes = torch.from_numpy(row_codes(np.arange(3), prompt_length=3))
+    layer = tables.of_layer(0, slot_index, codes, torch.ones(1, dtype=torch.int8))
     marks = torch.full((3,), NO_LAYER, dtype=torch.int32)
     stream = torch.tensor([[float("nan")] * 4, [float("inf")] * 4, [0.0] * 4])
     for index in (5, 3, 9):

@@ -3,6 +3,7 @@ definition of each op (the oracles below)."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -103,15 +104,39 @@ def test_ops_apply_in_order_add_cap_ablate():
 
 
 def test_position_masks_select_rows():
-    generated = ops.row_phases(torch.tensor([[False], [False], [True]]))
+    generated = torch.from_numpy(ops.row_codes(np.arange(3), prompt_length=2))
     codes = ops.TARGET_CODES
     assert ops.position_mask(codes["all"], generated).squeeze(1).tolist() == [True, True, True]
     assert ops.position_mask(codes["prompt"], generated).squeeze(1).tolist() == [True, True, False]
     assert ops.position_mask(codes["generated"], generated).squeeze(1).tolist() == [False, False, True]
+    assert not ops.position_mask(codes["user"], generated).any()  # no chat, no roles
     hidden = torch.zeros(3, 2)
     masks = (ops.position_mask(codes["generated"], generated), None, None)
     out = ops.apply_layer_ops(hidden, torch.ones(2), None, None, None, None, 1.0, masks=masks)
     assert out.tolist() == [[0, 0], [0, 0], [1, 1]]
+
+
+def test_role_and_message_targets_select_their_rows():
+    """Messages cover the prompt; generated rows are the assistant's and in no prompt message."""
+    messages = [
+        (0, 3, ops.TARGET_CODES["system"]),
+        (3, 5, ops.TARGET_CODES["user"]),
+        (5, 7, ops.TARGET_CODES["assistant"]),
+        (7, 9, ops.TARGET_CODES["user"]),
+    ]
+    codes = torch.from_numpy(ops.row_codes(np.arange(11), prompt_length=9, messages=messages))
+
+    def rows(positions) -> list[int]:
+        return ops.position_mask(ops.target_code(positions), codes).squeeze(1).nonzero().squeeze(1).tolist()
+
+    assert rows("user") == [3, 4, 7, 8]
+    assert rows("system") == [0, 1, 2]
+    assert rows("assistant") == [5, 6, 9, 10]
+    assert rows(3) == [7, 8] and rows(0) == [0, 1, 2]
+    assert rows("prompt") == list(range(9)) and rows("generated") == [9, 10]
+    # A chunk of the prompt starting mid-message gets the same codes as the whole sequence.
+    chunk = ops.row_codes(np.arange(4, 8), prompt_length=9, messages=messages)
+    assert (chunk == codes[4:8].numpy()).all()
 
 
 @settings(max_examples=200, deadline=None)
@@ -128,7 +153,7 @@ def test_one_pass_evaluation_equals_the_ops_applied_in_turn(seed, low, width, sc
     equal applying the three ops one after another, row masks included."""
     hidden, cap_dir, add = sample(seed)
     abl_dir = torch.nn.functional.normalize(cap_dir + torch.roll(cap_dir, 1), dim=0)  # overlaps the cap direction
-    generated = ops.row_phases(torch.tensor([[False], [False], [True], [True], [False]]))
+    generated = torch.from_numpy(ops.row_codes(np.array([0, 1, 5, 6, 2]), prompt_length=5))
     masks = tuple(ops.position_mask(ops.TARGET_CODES[t], generated) for t in targets)
     use_add, use_cap, use_abl = ops_used
     fused = ops.apply_layer_ops(

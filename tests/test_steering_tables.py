@@ -52,9 +52,9 @@ def test_a_batch_of_slot_writes_sets_each_row_and_resets_others_to_neutral():
 
 def step_inputs(layers: int, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     slot_index = torch.zeros(max_tokens, dtype=torch.long)
-    phases = torch.zeros(max_tokens, 1, dtype=torch.int8)
+    codes = torch.zeros(max_tokens, 3, dtype=torch.int16)
     flags = torch.zeros(layers, ALIGNMENT_BYTES, dtype=torch.int8)
-    return slot_index, phases, flags
+    return slot_index, codes, flags
 
 
 def test_layers_hold_views_of_the_stacked_tables():

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
 from workbench import AblationSpec, AddSpec, LayerSteeringSpec, ProjectionCapSpec
+from workbench.ops import TARGET_CODES, row_codes
 from workbench.runtime.layer_op import steer_rows_torch
 from workbench.runtime.steering_tables import NO_LAYER, SteeringTables
 
@@ -41,12 +43,12 @@ def test_triton_kernel_matches_the_torch_path():
         vector = torch.randn(hidden)
         return vector / vector.norm()
 
-    positions = ["all", "prompt", "generated"]
+    targets = ["all", "prompt", "generated", "user", 1]
     entries = [
         LayerSteeringSpec(
-            add=AddSpec(torch.randn(hidden), positions=positions[slot % 3]),
-            projection_cap=ProjectionCapSpec(unit(), min=-0.5, max=0.3, positions=positions[(slot + 1) % 3]),
-            ablation=AblationSpec(unit(), scale=0.3 * slot, positions=positions[(slot + 2) % 3]),
+            add=AddSpec(torch.randn(hidden), positions=targets[slot % 5]),
+            projection_cap=ProjectionCapSpec(unit(), min=-0.5, max=0.3, positions=targets[(slot + 1) % 5]),
+            ablation=AblationSpec(unit(), scale=0.3 * slot, positions=targets[(slot + 2) % 5]),
         )
         for slot in range(1, 4)
     ] + [
@@ -59,7 +61,10 @@ def test_triton_kernel_matches_the_torch_path():
     out[[7, 8]] = 3e38  # rows of slot 5, whose add then overflows
     slots = torch.arange(rows + 8, device=device) % 5  # slots 0..4; slot 5 on two rows below
     slots[[7, 8]] = 5
-    phases = (1 + torch.arange(rows + 8, device=device) // 7 % 2).to(torch.int8)[:, None]
+    # Rows alternate between stretches of prompt and of generated tokens, in a chat of three messages.
+    row_positions = np.arange(rows + 8) % 37
+    spans = [(0, 5, TARGET_CODES["system"]), (5, 12, TARGET_CODES["user"]), (12, 20, TARGET_CODES["user"])]
+    phases = torch.from_numpy(row_codes(row_positions, prompt_length=20, messages=spans)).to(device)
     flag_on, flag_off = torch.ones(1, dtype=torch.int8, device=device), torch.zeros(1, dtype=torch.int8, device=device)
     layer_on = tables.of_layer(0, slots, phases, flag_on)
     layer_off = tables.of_layer(0, slots, phases, flag_off)

@@ -20,11 +20,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from workbench import ops
 from workbench.capture import MessageBoundary
 from workbench.completion import Completion
 from workbench.errors import ChatError
 
-ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
+ROLES = frozenset(ops.ROLES)
 
 Conversation = Sequence[Mapping[str, Any]]
 

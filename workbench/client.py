@@ -40,12 +40,14 @@ from workbench.errors import (
     EngineDeadError,
     EngineStartError,
     HandleReleasedError,
+    HiddenSizeError,
     PromptError,
     SpecError,
     WorkbenchError,
     WorkerTimeoutError,
 )
 from workbench.logs import EngineOutput
+from workbench.ops import TARGET_CODES
 from workbench.slots import SlotTable
 from workbench.specs import AblationSpec, AddSpec, ProjectionCapSpec, SteeringSpec, check_layer_index
 
@@ -268,16 +270,19 @@ class VLLMSteerModel:
         """
         params = resolve_sampling(sampling_params, sampling_kwargs)
         conversations, _ = split_conversations(messages)
+        specs = self._per_request_specs(steering_spec, len(conversations))
+        # Boundaries for captures (per-message rows) and for ops that target roles or messages.
+        with_boundaries = capture_layers is not None or any(spec.needs_messages for spec in specs)
         tokenizer = self.tokenizer
         formatted = [
-            format_conversation(tokenizer, conversation, chat_options, with_boundaries=capture_layers is not None)
+            format_conversation(tokenizer, conversation, chat_options, with_boundaries=with_boundaries)
             for conversation in conversations
         ]
         outputs = await self._generate_tokens(
             [f.token_ids for f in formatted],
             params,
             capture_layers,
-            steering_spec,
+            specs,
             [f.boundaries for f in formatted],
         )
         if raw_output:
@@ -323,6 +328,11 @@ class VLLMSteerModel:
         if layers and params.n != 1:
             raise CaptureError(f"capture needs SamplingParams.n == 1, got n={params.n}")
         specs = self._per_request_specs(steering_spec, len(token_ids))
+        if boundaries is None and any(spec.needs_messages for spec in specs):
+            raise SpecError(
+                "this steering targets chat roles or messages (positions='user', a message index, ...): "
+                "they exist in model.chat() requests, not in generate()"
+            )
         for i, ids in enumerate(token_ids):
             if len(ids) >= self.cfg.max_model_len:
                 raise PromptError(f"prompt {i} has {len(ids)} tokens; max_model_len is {self.cfg.max_model_len}")
@@ -362,7 +372,10 @@ class VLLMSteerModel:
             if capture_id is not None:
                 capacity = self._capture_capacity(len(token_ids), params)
                 capture = wire.CaptureRequest(capture_id, layers, capacity, self._handoff_folder)
-            payload = wire.RequestPayload(slot=slot, tag=request_id if steered else None, capture=capture)
+            messages = tuple((b.start, b.end, TARGET_CODES[b.role]) for b in boundaries) if spec.needs_messages else ()
+            payload = wire.RequestPayload(
+                slot=slot, tag=request_id if steered else None, capture=capture, messages=messages
+            )
             request_params = params.clone()
             request_params.extra_args = payload.to_extra_args(params.extra_args)
             if layers:
@@ -566,6 +579,29 @@ class VLLMSteerModel:
                 await self._rpc(method, items)
             except Exception:  # the engine is gone; its memory went with it
                 logger.warning("%s: could not pass %d items to the workers", method, len(items), exc_info=True)
+
+    async def logit_lens(self, hidden: Tensor, top_k: int = 5) -> list[list[tuple[int, str, float]]]:
+        """The logit lens: for each residual-stream row of ``hidden`` (``[N, H]``,
+        e.g. one token's captured rows at several layers), the ``top_k`` most
+        probable next tokens read out through the model's own final norm and
+        unembedding, as ``(token id, text, probability)``. Computed in the
+        workers, where those weights are."""
+        rows = hidden.unsqueeze(0) if hidden.ndim == 1 else hidden
+        if rows.ndim != 2 or rows.shape[-1] != self._hidden_size:
+            raise HiddenSizeError(f"logit_lens needs rows of size {self._hidden_size}, got shape {tuple(hidden.shape)}")
+        if not rows.is_floating_point() or not torch.isfinite(rows).all():
+            raise SpecError("logit_lens needs finite floating-point rows")
+        vocab = self._engine.model_config.get_vocab_size()
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= vocab:
+            raise SpecError(f"top_k must be an int in 1..{vocab}, got {top_k!r}")
+        await self._ensure_ready()
+        replies = await self._rpc(wire.Rpc.LOGIT_LENS, wire.encode_rows(rows), top_k)
+        reply = next(reply for reply in replies if reply is not None)
+        tokenizer = self.tokenizer
+        return [
+            [(token, tokenizer.decode([token]), prob) for token, prob in zip(ids, probs)]
+            for ids, probs in zip(reply["ids"], reply["probs"])
+        ]
 
     async def worker_stats(self) -> list[dict[str, int]]:
         """Per-worker counts of captures held (for leak checks), after the

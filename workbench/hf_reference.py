@@ -19,10 +19,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from workbench import ops
+from workbench.capture import MessageBoundary
 from workbench.embedded import DEFAULT_MODEL_NAME, resolve_model_name
 from workbench.errors import SpecError
 from workbench.model_layers import decoder_layer_list, layer_count_of
@@ -54,7 +56,7 @@ def _replace_stream(output: Any, stream: Tensor) -> Any:
     return (stream, *output[1:]) if isinstance(output, tuple) else stream
 
 
-def _layer_hook(layer_spec: LayerSteeringSpec, prompt_length: int | None) -> Any:
+def _layer_hook(layer_spec: LayerSteeringSpec, prompt_length: int | None, messages: Sequence[ops.MessageSpan]) -> Any:
     seen = 0  # rows this layer has processed: the positions of the next call's rows start here
 
     def hook(module: nn.Module, args: Any, output: Any) -> Any:
@@ -68,12 +70,11 @@ def _layer_hook(layer_spec: LayerSteeringSpec, prompt_length: int | None) -> Any
 
         masks = ops.NO_MASKS
         if prompt_length is not None:
-            positions = torch.arange(seen, seen + rows, device=stream.device).unsqueeze(-1)
-            phases = ops.row_phases(positions >= prompt_length)
+            codes = torch.from_numpy(ops.row_codes(np.arange(seen, seen + rows), prompt_length, messages))
             masks = tuple(  # type: ignore[assignment]
                 None
                 if op is None or op.positions == "all"
-                else ops.position_mask(ops.TARGET_CODES[op.positions], phases)
+                else ops.position_mask(ops.target_code(op.positions), codes.to(stream.device))
                 for op in (layer_spec.add, layer_spec.projection_cap, layer_spec.ablation)
             )
         seen += rows
@@ -95,11 +96,17 @@ def _layer_hook(layer_spec: LayerSteeringSpec, prompt_length: int | None) -> Any
 
 
 @contextmanager
-def steering_hooks(model: nn.Module, spec: SteeringSpec, prompt_length: int | None = None) -> Iterator[None]:
+def steering_hooks(
+    model: nn.Module,
+    spec: SteeringSpec,
+    prompt_length: int | None = None,
+    boundaries: Sequence[MessageBoundary] = (),
+) -> Iterator[None]:
     """Apply ``spec`` to ``model``'s decoder layers inside the block.
 
     This mutates ``model`` (forward hooks) until the block exits. Ops that
-    target prompt or generated tokens need ``prompt_length``; the hooks then
+    target prompt or generated tokens need ``prompt_length``, ops that target
+    chat roles or messages also the chat's ``boundaries``; the hooks then
     count the rows they see, so use one block per sequence (batch size 1).
     """
     layers = reference_layers(model)
@@ -107,8 +114,11 @@ def steering_hooks(model: nn.Module, spec: SteeringSpec, prompt_length: int | No
     targeted = any(op.positions != "all" for layer in spec.layers.values() for _, op in layer.ops())
     if targeted and prompt_length is None:
         raise SpecError("this spec targets prompt or generated tokens; pass prompt_length")
+    if spec.needs_messages and not boundaries:
+        raise SpecError("this spec targets chat roles or messages; pass the chat's boundaries")
+    messages = [(b.start, b.end, ops.TARGET_CODES[b.role]) for b in boundaries]
     handles = [
-        layers[index].register_forward_hook(_layer_hook(layer, prompt_length if targeted else None))
+        layers[index].register_forward_hook(_layer_hook(layer, prompt_length if targeted else None, messages))
         for index, layer in spec.layers.items()
     ]
     try:
@@ -154,12 +164,15 @@ def generate_reference(
     max_new_tokens: int,
     spec: SteeringSpec | None = None,
     capture_layers: Sequence[int] = (),
+    boundaries: Sequence[MessageBoundary] = (),
 ) -> ReferenceResult:
-    """Greedy generation with ``spec`` applied and ``capture_layers`` recorded."""
+    """Greedy generation with ``spec`` applied and ``capture_layers`` recorded
+    (``boundaries``: the chat's messages, for ops that target roles or messages)."""
     spec = spec or SteeringSpec()
     device = next(model.parameters()).device
     input_ids = torch.tensor([list(prompt_ids)], device=device)
-    with steering_hooks(model, spec, len(prompt_ids)), capture_hooks(model, capture_layers) as records:
+    hooks = steering_hooks(model, spec, len(prompt_ids), boundaries)
+    with hooks, capture_hooks(model, capture_layers) as records:
         output = model.generate(
             input_ids,
             attention_mask=torch.ones_like(input_ids),
@@ -183,10 +196,12 @@ def forward_reference(
     spec: SteeringSpec | None = None,
     capture_layers: Sequence[int] = (),
     prompt_length: int | None = None,
+    boundaries: Sequence[MessageBoundary] = (),
 ) -> dict[int, Tensor]:
     """One teacher-forced forward over ``token_ids``: layer -> ``[len, hidden]``
     residual stream (``prompt_length`` marks where generated tokens start)."""
     device = next(model.parameters()).device
-    with steering_hooks(model, spec or SteeringSpec(), prompt_length), capture_hooks(model, capture_layers) as records:
+    hooks = steering_hooks(model, spec or SteeringSpec(), prompt_length, boundaries)
+    with hooks, capture_hooks(model, capture_layers) as records:
         model(torch.tensor([list(token_ids)], device=device))
     return {layer: chunks[0] for layer, chunks in records.items()}

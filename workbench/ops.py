@@ -17,7 +17,9 @@ bit-identical hidden states.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -45,8 +47,28 @@ OP_NAMES = ("add", "projection_cap", "ablation")
 """The ops, in the order they apply; also the column order of the workers'
 per-op target table (``op_targets[..., OP_NAMES.index(name)]``)."""
 
-TARGET_CODES = {"all": 0, "prompt": 1, "generated": 2}
-"""Integer codes of a spec's ``positions``, as stored in the worker's tables."""
+ROLES = ("system", "user", "assistant", "tool", "developer")
+"""Chat roles an op can target (``positions="user"``: the rows of user messages)."""
+
+TARGET_CODES = {"all": 0, "prompt": 1, "generated": 2, **{role: 3 + i for i, role in enumerate(ROLES)}}
+"""Integer codes of a spec's named ``positions``, as stored in the worker's tables."""
+
+MESSAGE_CODE = 16
+"""Code of message index 0 (``positions=i`` targets the rows of chat message ``i``: code 16 + i)."""
+
+MAX_MESSAGE = 32767 - MESSAGE_CODE
+"""Highest message index a code can name (codes are int16)."""
+
+RowCodes = Tensor
+"""``[T, 3]`` int16 per row: its phase code (prompt or generated), its message's
+role code (0 outside chat), its message's code (0: none). Generated rows of a
+chat are the assistant's, in no message of the prompt. The three ranges of
+codes are disjoint, so an op's target matches a row when it equals any of them."""
+
+
+def target_code(positions: str | int) -> int:
+    """The code of a spec's ``positions`` (a name of ``TARGET_CODES`` or a message index)."""
+    return positions + MESSAGE_CODE if isinstance(positions, int) else TARGET_CODES[positions]
 
 
 def _masked(mask: Tensor | None, value: Tensor | float) -> Tensor | float:
@@ -102,17 +124,30 @@ def apply_layer_ops(
     return steered
 
 
-def row_phases(generated: Tensor) -> Tensor:
-    """Per-row phase codes (``TARGET_CODES`` of "prompt" or "generated", int8)
-    from a bool tensor saying which rows are generated tokens."""
-    codes = TARGET_CODES
-    return torch.where(generated, codes["generated"], codes["prompt"]).to(torch.int8)
+def position_mask(target: int | Tensor, codes: RowCodes) -> Tensor:
+    """Rows (``[T, 1]`` bool) an op applies to, from its target code (see
+    ``target_code``) and each row's codes (``RowCodes``): "all" takes every
+    row, the others the rows whose phase, role or message they name. Codes
+    compare as integers on both sides (comparing bools with bools hits a
+    vectorisation bug of torch.compile's CPU backend inside fused reductions)."""
+    phase, role, message = codes[:, 0:1], codes[:, 1:2], codes[:, 2:3]
+    return (target == TARGET_CODES["all"]) | (target == phase) | (target == role) | (target == message)
 
 
-def position_mask(target: int | Tensor, phase: Tensor) -> Tensor:
-    """Rows an op applies to, from its target code (see ``TARGET_CODES``) and
-    each row's phase (``row_phases``, ``[T, 1]``): "all" takes every row, the
-    others the rows of their phase. Codes compare as integers on both sides
-    (comparing bools with bools hits a vectorisation bug of torch.compile's
-    CPU backend inside fused reductions)."""
-    return (target == TARGET_CODES["all"]) | (target == phase)
+MessageSpan = tuple[int, int, int]
+"""A chat message as the workers see it: its first row, its end row, its role's code."""
+
+
+def row_codes(positions: np.ndarray, prompt_length: int, messages: Sequence[MessageSpan] = ()) -> np.ndarray:
+    """``RowCodes`` (as int16 numpy) of one sequence's rows at ``positions``,
+    given its prompt length and, in chat, its messages' spans."""
+    codes = np.zeros((positions.shape[0], 3), dtype=np.int16)
+    generated = positions >= prompt_length
+    codes[:, 0] = np.where(generated, TARGET_CODES["generated"], TARGET_CODES["prompt"])
+    if messages:
+        ends = np.array([end for _, end, _ in messages])
+        index = np.minimum(np.searchsorted(ends, positions, side="right"), len(messages) - 1)
+        roles = np.array([role for _, _, role in messages], dtype=np.int16)
+        codes[:, 1] = np.where(generated, TARGET_CODES["assistant"], roles[index])
+        codes[:, 2] = np.where(generated, 0, MESSAGE_CODE + index)
+    return codes

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from workbench.errors import DtypeRangeError, HiddenSizeError, LayerIndexError, SpecError
 from workbench.files import atomic_path
-from workbench.ops import OP_NAMES, TARGET_CODES, stream_limit
+from workbench.ops import MAX_MESSAGE, OP_NAMES, ROLES, TARGET_CODES, stream_limit
 
 FORMAT_VERSION = 1
 
@@ -35,7 +35,11 @@ _METADATA_KEY = "workbench_steering_spec"
 """Key of a spec file's safetensors metadata holding its ops as JSON."""
 
 POSITIONS = tuple(TARGET_CODES)
-"""Which tokens an op acts on: every token, prompt tokens only, or generated tokens only."""
+"""Which tokens an op acts on: every token, the prompt's, the generated ones,
+or (in chat) the tokens of one role's messages (generated tokens are the
+assistant's). A message index (an int) targets that message's tokens."""
+
+Positions = str | int
 
 
 def _tensor_name(layer: int | str, op: str) -> str:
@@ -87,10 +91,19 @@ def _finite(value: Any, name: str) -> float:
     return number
 
 
-def _positions(value: Any, name: str) -> str:
+def _positions(value: Any, name: str) -> Positions:
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not 0 <= value <= MAX_MESSAGE:
+            raise SpecError(f"{name}: message index {value} is outside 0..{MAX_MESSAGE}")
+        return value
     if value not in POSITIONS:
-        raise SpecError(f"{name} must be one of {POSITIONS}, got {value!r}")
+        raise SpecError(f"{name} must be one of {POSITIONS} or a message index, got {value!r}")
     return value
+
+
+def needs_messages(positions: Positions) -> bool:
+    """Whether ``positions`` names chat roles or messages (and so needs a chat's message boundaries)."""
+    return isinstance(positions, int) or positions in ROLES
 
 
 def check_layer_index(index: Any, layer_count: int) -> int:
@@ -114,7 +127,7 @@ class AddSpec:
 
     vector: Tensor
     scale: float = 1.0
-    positions: str = "all"
+    positions: Positions = "all"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "vector", as_vector(self.vector, "AddSpec.vector"))
@@ -145,7 +158,7 @@ class ProjectionCapSpec:
     vector: Tensor
     min: float | None = None
     max: float | None = None
-    positions: str = "all"
+    positions: Positions = "all"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "vector", as_direction(self.vector, "ProjectionCapSpec.vector"))
@@ -175,7 +188,7 @@ class AblationSpec:
 
     vector: Tensor
     scale: float = 0.0
-    positions: str = "all"
+    positions: Positions = "all"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "vector", as_direction(self.vector, "AblationSpec.vector"))
@@ -272,6 +285,11 @@ class SteeringSpec:
 
     def is_empty(self) -> bool:
         return not self.layers
+
+    @property
+    def needs_messages(self) -> bool:
+        """Whether some op targets chat roles or messages (``needs_messages``)."""
+        return any(needs_messages(op.positions) for layer in self.layers.values() for _, op in layer.ops())
 
     @property
     def hidden_size(self) -> int | None:

@@ -25,10 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import Tensor
 
+from workbench.ops import MessageSpan
 from workbench.specs import SteeringSpec
 
 LOAD_FORMAT = "workbench"
@@ -66,6 +68,7 @@ class Rpc:
     RELEASE_CAPTURES = "workbench_release_captures"
     RECYCLE_CAPTURE_FILES = "workbench_recycle_capture_files"
     TAKE_NONFINITE = "workbench_take_nonfinite"
+    LOGIT_LENS = "workbench_logit_lens"
     STATS = "workbench_stats"
 
 
@@ -123,6 +126,15 @@ def decode_spec(payload: Mapping[str, Any]) -> SteeringSpec:
     return SteeringSpec.from_parts(payload["layers"], load_tensors(payload["tensors"]))
 
 
+def encode_rows(rows: Tensor) -> bytes:
+    """Rows (``[N, H]``) for the workers, as float32 safetensors bytes."""
+    return save_tensors({"rows": rows.detach().to("cpu", torch.float32).contiguous()})
+
+
+def decode_rows(data: bytes) -> Tensor:
+    return load_tensors(data)["rows"]
+
+
 # -- requests ------------------------------------------------------------------
 
 
@@ -147,10 +159,14 @@ class RequestPayload:
     tag: str | None = None
     """The client's id of the request, for reports about it (``Rpc.TAKE_NONFINITE``)."""
     capture: CaptureRequest | None = None
+    messages: tuple[MessageSpan, ...] = ()
+    """A chat's messages as (first row, end row, role code), for ops that target roles or messages."""
 
     def to_extra_args(self, extra_args: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """``extra_args`` (the caller's own, kept) with this payload added."""
         payload: dict[str, Any] = {"slot": self.slot, "tag": self.tag}
+        if self.messages:
+            payload["messages"] = [list(span) for span in self.messages]
         if self.capture is not None:
             capture = self.capture
             payload["capture"] = {
@@ -171,6 +187,7 @@ class RequestPayload:
         return cls(
             slot=int(payload["slot"]),
             tag=payload.get("tag"),
+            messages=tuple((int(start), int(end), int(role)) for start, end, role in payload.get("messages", ())),
             capture=None
             if capture is None
             else CaptureRequest(

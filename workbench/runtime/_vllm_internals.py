@@ -108,9 +108,7 @@ ExtraArgs = Callable[[str], Mapping[str, Any] | None]
 """Request id -> its ``SamplingParams.extra_args`` (None for unknown ids, e.g. dummy runs)."""
 
 
-def install_step_hooks(
-    runner: Any, before: Callable[[StepRows], None], after: Callable[[], None]
-) -> ExtraArgs:
+def install_step_hooks(runner: Any, before: Callable[[StepRows], None], after: Callable[[], None]) -> ExtraArgs:
     """Call ``before(rows)`` before every model forward, with the requests of
     the step about to run and their rows, and ``after()`` once the forward has
     been issued; returns the lookup of scheduled requests' ``extra_args``.

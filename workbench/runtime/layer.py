@@ -4,7 +4,7 @@
 operator (``workbench.runtime.layer_op``) on the layer's output stream, read
 and handed on by the layer's convention (``layer_conventions``). The
 operator reads the layer's ``LayerTables``: views of the per-slot tables, and
-the per-token slot index, phases and capture flag that the worker fills
+the per-token slot index, row codes and capture flag that the worker fills
 before every step, all in place, so the same code serves eager mode,
 torch.compile and CUDA graphs: nothing here branches on data.
 

@@ -80,8 +80,8 @@ def steer_rows_torch(
     masks = ops.NO_MASKS
     if use.targeted:
         targets = tables.op_targets[slots]
-        phases = tables.row_phases[:rows]
-        masks = tuple(ops.position_mask(targets[:, i : i + 1], phases) for i in range(len(ops.OP_NAMES)))  # type: ignore[assignment]
+        codes = tables.row_codes[:rows]
+        masks = tuple(ops.position_mask(targets[:, i : i + 1], codes) for i in range(len(ops.OP_NAMES)))  # type: ignore[assignment]
 
     def rows_of(table: Tensor) -> Tensor:
         return table[slots].float()

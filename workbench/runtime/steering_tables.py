@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from workbench.ops import OP_NAMES, TARGET_CODES
+from workbench.ops import OP_NAMES, target_code
 from workbench.specs import LayerSteeringSpec
 
 ALIGNMENT_BYTES = 16
@@ -44,8 +44,8 @@ class LayerTables(NamedTuple):
 
     slot_index: Tensor
     """``[max_tokens]`` int64: each row's slot (shared by all layers)."""
-    row_phases: Tensor
-    """``[max_tokens, 1]`` int8: each row's ``TARGET_CODES`` phase (shared)."""
+    row_codes: Tensor
+    """``[max_tokens, 3]`` int16: each row's phase, role and message codes (``ops.RowCodes``; shared)."""
     add_vectors: Tensor
     """``[rows, H]``: per slot, the vector added (vector x scale)."""
     cap_directions: Tensor
@@ -59,7 +59,7 @@ class LayerTables(NamedTuple):
     ablation_scales: Tensor
     """``[rows, 1]`` float32: per slot, the factor of the ablated component (1: untouched)."""
     op_targets: Tensor
-    """``[rows, 3]`` int8: per slot and op (columns in ``OP_NAMES`` order), its ``TARGET_CODES`` target."""
+    """``[rows, 3]`` int16: per slot and op (columns in ``OP_NAMES`` order), its target code (``ops.target_code``)."""
     capture_flag: Tensor
     """``[1]`` int8: non-zero while some request of the step captures this layer."""
 
@@ -92,10 +92,10 @@ class SteeringTables:
         host = _neutral_rows(shape, hidden, dtype)
         return cls(**{name: rows.to(device) for name, rows in host.items()})
 
-    def of_layer(self, place: int, slot_index: Tensor, row_phases: Tensor, capture_flag: Tensor) -> LayerTables:
+    def of_layer(self, place: int, slot_index: Tensor, row_codes: Tensor, capture_flag: Tensor) -> LayerTables:
         """The tables of the layer at ``place``, with the step inputs all layers share."""
         views = {name: table[place] for name, table in vars(self).items()}
-        return LayerTables(slot_index=slot_index, row_phases=row_phases, capture_flag=capture_flag, **views)
+        return LayerTables(slot_index=slot_index, row_codes=row_codes, capture_flag=capture_flag, **views)
 
     @torch.no_grad()
     def write(self, places: list[int], slots: list[int], entries: list[LayerSteeringSpec | None]) -> None:
@@ -127,13 +127,13 @@ def _neutral_rows(shape: tuple[int, ...], hidden: int, dtype: torch.dtype) -> di
         "cap_max": torch.full((*shape, 1), torch.inf),
         "ablation_directions": torch.zeros(*shape, hidden, dtype=dtype),
         "ablation_scales": torch.ones(*shape, 1),
-        "op_targets": torch.zeros(*shape, len(OP_NAMES), dtype=torch.int8),
+        "op_targets": torch.zeros(*shape, len(OP_NAMES), dtype=torch.int16),
     }
 
 
 def _fill_row(host: dict[str, Tensor], row: int, layer: LayerSteeringSpec) -> None:
     for name, op in layer.ops():
-        host["op_targets"][row, OP_NAMES.index(name)] = TARGET_CODES[op.positions]
+        host["op_targets"][row, OP_NAMES.index(name)] = target_code(op.positions)
     if (add := layer.add) is not None:
         host["add_vectors"][row] = add.effect
     if (cap := layer.projection_cap) is not None:

@@ -46,6 +46,11 @@ EVERY_ROW = tl.constexpr(TARGET_CODES["all"])
 
 
 @triton.jit
+def _targets(target, phase, role, message):
+    return (target == EVERY_ROW) | (target == phase) | (target == role) | (target == message)
+
+
+@triton.jit
 def _steer_rows_kernel(
     out_ptr,
     residual_ptr,
@@ -56,7 +61,7 @@ def _steer_rows_kernel(
     layer,
     limit,
     slot_ptr,
-    phase_ptr,
+    codes_ptr,
     add_ptr,
     cap_direction_ptr,
     cap_min_ptr,
@@ -82,11 +87,13 @@ def _steer_rows_kernel(
         stream = out.to(tl.float32)
 
     slot = tl.load(slot_ptr + row)
-    phase = tl.load(phase_ptr + row).to(tl.int32)
+    # The row's codes (ops.RowCodes): a target other than "every row" must equal one of them.
+    phase = tl.load(codes_ptr + row * 3).to(tl.int32)
+    role = tl.load(codes_ptr + row * 3 + 1).to(tl.int32)
+    message = tl.load(codes_ptr + row * 3 + 2).to(tl.int32)
     table = slot * hidden + cols
-    # A target code other than "every row" must match the row's phase.
     add_target = tl.load(targets_ptr + slot * OPS + ADD).to(tl.int32)
-    add_here = (add_target == EVERY_ROW) | (add_target == phase)
+    add_here = _targets(add_target, phase, role, message)
     # Slot 0 is neutral (zero vector): its rows skip the load.
     # (A select rather than `inside & scalar`: Triton's interpreter rejects a mask mixing the two.)
     add = tl.load(add_ptr + table, mask=tl.where((slot != 0) & add_here, inside, False), other=0.0)
@@ -105,11 +112,11 @@ def _steer_rows_kernel(
         ablation_direction = tl.load(ablation_direction_ptr + table, mask=inside, other=0.0).to(tl.float32)
         cap_projection = tl.sum(steered * cap_direction, axis=0)
         shift = tl.minimum(tl.maximum(cap_projection, cap_min), cap_max) - cap_projection
-        shift = tl.where((cap_target == EVERY_ROW) | (cap_target == phase), shift, 0.0)
+        shift = tl.where(_targets(cap_target, phase, role, message), shift, 0.0)
         ablation_projection = tl.sum(steered * ablation_direction, axis=0)
         ablation_projection += shift * tl.sum(cap_direction * ablation_direction, axis=0)
         coefficient = tl.where(
-            (ablation_target == EVERY_ROW) | (ablation_target == phase), (scale - 1.0) * ablation_projection, 0.0
+            _targets(ablation_target, phase, role, message), (scale - 1.0) * ablation_projection, 0.0
         )
         steered = steered + shift * cap_direction + coefficient * ablation_direction
     steered = steered.to(out.dtype)
@@ -139,7 +146,7 @@ def steer_rows(
 ) -> Tensor:
     """The kernel over ``out.shape[0]`` rows (the signature of ``layer_op.steer_rows_op``,
     whose CUDA kernel this is). ``tables`` is one layer's ``LayerTables``
-    (contiguous ``[slots + 1, ...]`` views); ``slot_index`` / ``row_phases`` /
+    (contiguous ``[slots + 1, ...]`` views); ``slot_index`` / ``row_codes`` /
     ``captured`` / ``nonfinite_rows`` have at least as many rows as ``out``.
     With ``capture``, the capture buffer is written when the layer's capture
     flag is non-zero. The kernel decides per row from its slot's parameters
@@ -159,7 +166,7 @@ def steer_rows(
             layer,
             stream_limit(out.dtype),
             t.slot_index,
-            t.row_phases,
+            t.row_codes,
             t.add_vectors,
             t.cap_directions,
             t.cap_min,

@@ -27,12 +27,13 @@ from torch import nn
 from workbench import wire
 from workbench.errors import WorkbenchError
 from workbench.model_layers import decoder_layer_list
-from workbench.ops import TARGET_CODES
+from workbench.ops import TARGET_CODES, row_codes
 from workbench.runtime import _vllm_internals as vi
 from workbench.runtime.capture_store import CaptureStore
 from workbench.runtime.layer import SteeredDecoderLayer, StepPlan
 from workbench.runtime.layer_conventions import convention_of
 from workbench.runtime.layer_op import LayerUse
+from workbench.runtime.logit_lens import final_norm, top_tokens
 from workbench.runtime.nonfinite import NonfiniteWatch
 from workbench.runtime.steering_tables import ALIGNMENT_BYTES, NO_LAYER, SteeringTables
 from workbench.runtime.step_inputs import StepInputBuffer
@@ -52,13 +53,21 @@ class _Batch:
     capturing: list[int]
     """Places of the requests that capture."""
     capture_layers: frozenset[int]
+    in_chat: np.ndarray
+    """Whether each request is a chat with message spans (bool)."""
+    targets_messages: bool
+    """Whether some request's spec targets chat roles or messages (their row codes are then filled)."""
 
     @classmethod
-    def of(cls, req_ids: tuple[str, ...], payloads: list[wire.RequestPayload | None]) -> _Batch:
+    def of(
+        cls, req_ids: tuple[str, ...], payloads: list[wire.RequestPayload | None], targets_messages: set[int]
+    ) -> _Batch:
         slot_of = np.array([payload.slot if payload else 0 for payload in payloads], dtype=np.int64)
         capturing = [place for place, payload in enumerate(payloads) if payload and payload.capture]
         layers = frozenset(layer for place in capturing for layer in payloads[place].capture.layers)  # type: ignore[union-attr]
-        return cls(req_ids, payloads, slot_of, capturing, layers)
+        in_chat = np.array([bool(payload and payload.messages) for payload in payloads], dtype=bool)
+        targeting = bool(targets_messages.intersection(slot_of.tolist()))
+        return cls(req_ids, payloads, slot_of, capturing, layers, in_chat, targeting)
 
     @property
     def captures(self) -> list[wire.CaptureRequest | None]:
@@ -94,7 +103,7 @@ class SteeringRuntime:
         self._places = {index: place for place, index in enumerate(layers)}
         """Layer index -> its place in the stacked tables."""
         self.slot_index = StepInputBuffer(inputs["slot_index"])
-        self.row_phases = StepInputBuffer(inputs["row_phases"])
+        self.row_codes = StepInputBuffer(inputs["row_codes"])
         self.capture_flags = StepInputBuffer(inputs["capture_flags"])
         """Per local layer (in table order), first byte: 1 while a request of the step captures it."""
         self.nonfinite = NonfiniteWatch(inputs["nonfinite_rows"])
@@ -102,15 +111,19 @@ class SteeringRuntime:
         self.num_slots = num_slots
         self._slot_use: dict[int, dict[int, LayerUse]] = {}
         """Slot -> layer -> what its spec uses there."""
+        self._slots_targeting_messages: set[int] = set()
+        """Slots whose spec targets chat roles or messages."""
         self._layer_use_cache: dict[frozenset[int], dict[int, LayerUse]] = {}
         """Steps mostly repeat the same set of slots: their per-layer union, cached."""
         self.records_captures = True
         self.hooked = False
+        self.lens_norm: nn.Module | None = None
+        """The model's final norm, for the logit lens (on the pipeline stage holding the last layer)."""
         vectors = tables.add_vectors
         self.captures = CaptureStore(frozenset(layers), vectors.shape[-1], vectors.dtype, vectors.device)
         self._step: vi.StepRows | None = None
         self._steered = False
-        self._batch = _Batch.of((), [])
+        self._batch = _Batch.of((), [], set())
         self._payloads: dict[str, wire.RequestPayload | None] = {}
         """Parsed payloads of the requests in the batch, by vLLM request id."""
         self._pending_slots: dict[int, tuple[SteeringSpec, set[int]]] = {}
@@ -154,10 +167,7 @@ class SteeringRuntime:
         self.slot_index.update(slots)
         self._steered = bool(slots.any())
         if self._steered:
-            # Position of each row minus its request's prompt length: >= 0 on generated tokens.
-            offset = np.repeat(step.computed - step.starts[:-1] - step.num_prompt_tokens, counts)
-            phases = np.where(np.arange(step.num_rows) + offset >= 0, TARGET_CODES["generated"], TARGET_CODES["prompt"])
-            self.row_phases.update(phases.astype(np.int8).reshape(-1, 1))
+            self.row_codes.update(self._row_codes(step, counts))
             if self.records_captures:
                 self.nonfinite.before_step()
         if self.plan.eager:
@@ -166,13 +176,30 @@ class SteeringRuntime:
             self.plan.capture_layers = batch.capture_layers
             self.plan.watch_from = min(layer_ops, default=None) if self.records_captures else None
 
+    def _row_codes(self, step: vi.StepRows, counts: np.ndarray) -> np.ndarray:
+        """Every row's phase, role and message codes (``ops.RowCodes``); roles and
+        messages only when some spec of the batch targets them."""
+        batch = self._batch
+        positions = np.arange(step.num_rows) + np.repeat(step.computed - step.starts[:-1], counts)
+        generated = positions >= np.repeat(step.num_prompt_tokens, counts)
+        codes = np.zeros((step.num_rows, 3), dtype=np.int16)
+        codes[:, 0] = np.where(generated, TARGET_CODES["generated"], TARGET_CODES["prompt"])
+        if batch.targets_messages:
+            codes[:, 1] = np.where(generated & np.repeat(batch.in_chat, counts), TARGET_CODES["assistant"], 0)
+            for place in np.flatnonzero(batch.in_chat):
+                low, high = int(step.starts[place]), int(step.starts[place + 1])
+                if low < high and not generated[low]:  # a chunk of the prompt (its rows come first)
+                    messages = batch.payloads[place].messages  # type: ignore[union-attr]
+                    codes[low:high] = row_codes(positions[low:high], int(step.num_prompt_tokens[place]), messages)
+        return codes
+
     def _read_batch(self, req_ids: tuple[str, ...]) -> _Batch:
         known = self._payloads
         self._payloads = {
             req_id: known[req_id] if req_id in known else wire.RequestPayload.from_extra_args(self._extra_args(req_id))
             for req_id in req_ids
         }
-        return _Batch.of(req_ids, [self._payloads[req_id] for req_id in req_ids])
+        return _Batch.of(req_ids, [self._payloads[req_id] for req_id in req_ids], self._slots_targeting_messages)
 
     def _write_pending_slots(self) -> None:
         places, slots, entries = [], [], []
@@ -223,6 +250,10 @@ class SteeringRuntime:
         self._pending_slots[slot] = (spec, touched)
         self._layer_use_cache.clear()
         self._slot_use[slot] = {index: _layer_use(layer) for index, layer in spec.layers.items()}
+        if spec.needs_messages:
+            self._slots_targeting_messages.add(slot)
+        else:
+            self._slots_targeting_messages.discard(slot)
 
 
 def install_steering(model: nn.Module, vllm_config: Any) -> SteeringRuntime:
@@ -240,7 +271,7 @@ def install_steering(model: nn.Module, vllm_config: Any) -> SteeringRuntime:
     conventions = {index: convention_of(layer_list[index], hf_backend) for index in local}
     inputs = {
         "slot_index": torch.zeros(max_tokens, dtype=torch.long, device=device),
-        "row_phases": torch.zeros(max_tokens, 1, dtype=torch.int8, device=device),
+        "row_codes": torch.zeros(max_tokens, 3, dtype=torch.int16, device=device),
         # One aligned row per layer (see ALIGNMENT_BYTES); the flag is its first byte.
         "capture_flags": torch.zeros(len(local), ALIGNMENT_BYTES, dtype=torch.int8, device=device),
         "nonfinite_rows": torch.full((max_tokens,), NO_LAYER, dtype=torch.int32, device=device),
@@ -249,7 +280,7 @@ def install_steering(model: nn.Module, vllm_config: Any) -> SteeringRuntime:
     steered: dict[int, SteeredDecoderLayer] = {}
     for place, index in enumerate(local):
         layer_tables = tables.of_layer(
-            place, inputs["slot_index"], inputs["row_phases"], inputs["capture_flags"][place, :1]
+            place, inputs["slot_index"], inputs["row_codes"], inputs["capture_flags"][place, :1]
         )
         wrapper = SteeredDecoderLayer(
             layer_list[index], index, conventions[index], plan, layer_tables, inputs["nonfinite_rows"], max_tokens
@@ -257,6 +288,7 @@ def install_steering(model: nn.Module, vllm_config: Any) -> SteeringRuntime:
         layer_list[index] = wrapper
         steered[index] = wrapper
     runtime = SteeringRuntime(steered, tables, inputs, plan, settings.num_slots)
+    runtime.lens_norm = final_norm(model, layer_list) if local and local[-1] == layer_count - 1 else None
     model.workbench_runtime = runtime
     logger.info(
         "workbench: steering installed on %d %s layers (%s), %d slots, %s mode",
@@ -323,6 +355,12 @@ class WorkbenchWorkerExtension:
     def workbench_take_nonfinite(self, tags: list[str]) -> dict[str, int]:
         runtime = self._workbench_runtime()
         return runtime.nonfinite.take(tags) if runtime.records_captures else {}
+
+    def workbench_logit_lens(self, rows: bytes, top_k: int) -> dict[str, list[list[Any]]] | None:
+        runtime = self._workbench_runtime()
+        if runtime.lens_norm is None:  # a pipeline stage without the last layer holds no lm head
+            return None
+        return top_tokens(self.model_runner.get_model(), runtime.lens_norm, wire.decode_rows(rows), top_k)  # type: ignore[attr-defined]
 
     def workbench_stats(self) -> dict[str, int]:
         return self._workbench_runtime().captures.stats()
