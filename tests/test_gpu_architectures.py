@@ -54,7 +54,12 @@ async def test_shape_steers_restores_batches_and_captures(shape, runner):
         gpu_memory_utilization=0.85,
         max_steering_slots=4,
         model_runner=runner,
-        engine_kwargs={"skip_tokenizer_init": True},
+        # A few CUDA-graph sizes are enough for these batches, and capture them in seconds.
+        engine_kwargs={
+            "skip_tokenizer_init": True,
+            "max_num_seqs": 8,
+            "compilation_config": {"cudagraph_capture_sizes": [1, 2, 4, 8]},
+        },
     )
     model = VLLMSteerModel(cfg)
     try:
