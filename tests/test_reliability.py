@@ -23,6 +23,7 @@ from workbench import (
     CaptureError,
     CaptureHandle,
     ChatError,
+    DtypeRangeError,
     HandleReleasedError,
     HiddenSizeError,
     LayerIndexError,
@@ -72,6 +73,10 @@ def bad_calls(model, tmp_path: Path):
         (lambda: model.set_layer_projection_cap(3, torch.zeros(HIDDEN), min=-1, max=1), SpecError, "norm 0.0"),
         (lambda: model.set_layer_projection_cap(3, vector(1), min=2.0, max=1.0), SpecError, "min (2.0)"),
         (lambda: model.set_layer_ablation(3, vector(1), scale=float("nan")), SpecError, "scale must be finite"),
+        # Values the residual stream cannot hold: a norm whose square overflows float32 in the next norm.
+        (lambda: model.set_layer_vector(3, torch.full((HIDDEN,), 1e18)), DtypeRangeError, "norm is 2.4e+19"),
+        (lambda: model.set_layer_vector(3, vector(1), scale=1e37), DtypeRangeError, "at most 1.84e+19"),
+        (lambda: model.set_layer_projection_cap(3, vector(1), min=1e20), DtypeRangeError, "the cap's min is 1e+20"),
         (lambda: model.chat([{"role": "wizard", "content": "hi"}], greedy(2)), ChatError, "wizard"),
         (lambda: model.generate([], greedy(2)), PromptError, "empty"),
         (lambda: model.generate(["ok", 42], greedy(2)), PromptError, "prompts[1]"),
@@ -93,6 +98,21 @@ async def test_bad_input_raises_typed_errors_and_the_engine_keeps_serving(model,
         assert text in str(info.value), (text, str(info.value))
     assert model.export_steering_spec() == spec_before  # nothing half-applied
     assert await model.generate(PROMPTS[0], greedy(6)) == before
+
+
+async def test_a_stream_broken_by_steering_is_flagged_on_the_reply(model, hf, caplog):
+    """An ablation scale the dtype holds can still blow a row past what the next
+    norm can square: the reply says at which layer, and a warning names it;
+    the unsteered request beside it is not flagged."""
+    from tests.helpers import mean_direction
+
+    direction = mean_direction(hf[0], model.tokenizer(PROMPTS[0]).input_ids, 6)  # a large projection
+    spec = SteeringSpec({6: LayerSteeringSpec(ablation=AblationSpec(direction, scale=1e30))})
+    with caplog.at_level("WARNING", logger="workbench.client"):
+        plain, broken = await model.generate([PROMPTS[0]] * 2, greedy(4), steering_spec=[SteeringSpec(), spec])
+    assert plain.nonfinite_layer is None and broken.nonfinite_layer == 6
+    assert "at layer 6" in caplog.text
+    assert await model.generate(PROMPTS[0], greedy(4)) == [plain]  # the engine is unharmed
 
 
 async def test_a_bad_handle_in_a_fetch_does_not_cost_the_good_ones_their_rows(model):

@@ -185,3 +185,22 @@ def test_positions_are_validated_and_round_trip(tmp_path):
         {1: LayerSteeringSpec(add=AddSpec(torch.ones(3)), ablation=AblationSpec(torch.ones(3), positions="prompt"))}
     )
     assert "positions=generated" in repr(spec)
+
+
+def test_values_the_residual_stream_cannot_hold_are_refused_naming_the_range():
+    from workbench import DtypeRangeError
+
+    fine = SteeringSpec({0: LayerSteeringSpec(add=AddSpec(torch.full((576,), 1e17)))})
+    fine.validate_for(576, 4, torch.float32)  # norm 2.4e18: within what the next norm can square
+    too_long = SteeringSpec({0: LayerSteeringSpec(add=AddSpec(torch.full((576,), 1e18)))})
+    with pytest.raises(DtypeRangeError, match=r"layer 0: the added vector's norm is 2.4e\+19.*at most 1.84e\+19"):
+        too_long.validate_for(576, 4, torch.bfloat16)
+    half = SteeringSpec({0: LayerSteeringSpec(add=AddSpec(torch.full((576,), 7e4)))})
+    half.validate_for(576, 4, torch.float32)
+    with pytest.raises(DtypeRangeError, match=r"index 0 is 7e\+04.*float16's largest value is 6.55e\+04"):
+        half.validate_for(576, 4, torch.float16)
+    cap = SteeringSpec({2: LayerSteeringSpec(projection_cap=ProjectionCapSpec(torch.ones(576), max=1e20))})
+    with pytest.raises(DtypeRangeError, match="layer 2: the cap's max is 1e"):
+        cap.validate_for(576, 4, torch.float32)
+    with pytest.raises(DtypeRangeError, match="overflows float32"):
+        AddSpec(torch.full((576,), 1e30), scale=1e10)

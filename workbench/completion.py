@@ -8,8 +8,8 @@ class Completion(str):
     """The generated text (what ``str()`` gives).
 
     ``nonfinite_layer`` is the first layer at which steering broke the
-    request's residual stream (inf, NaN, or values too large for the next
-    layer's norm, ``ops.stream_limit``): the text after that is not the
+    request's residual stream (inf, NaN, or a norm too large for the next
+    layer's norm, ``ops.NORM_LIMIT``): the text after that is not the
     model's, often empty. ``None`` when the stream stayed sound.
     """
 

@@ -29,18 +29,19 @@ def projection(hidden: Tensor, direction: Tensor) -> Tensor:
     return (hidden * direction).sum(dim=-1, keepdim=True)
 
 
-def stream_limit(dtype: torch.dtype) -> float:
-    """The largest magnitude a residual-stream value can take in ``dtype``:
-    the dtype's own maximum, and at most sqrt(float32 max) (1.8e19), since the
-    next layer's norm squares the stream in float32: beyond that the norm
-    overflows and zeroes the row, and the model's output is lost (with no inf
-    or NaN in the stream itself)."""
-    return min(torch.finfo(dtype).max, math.sqrt(torch.finfo(torch.float32).max))
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+NORM_LIMIT = math.sqrt(FLOAT32_MAX)
+"""The largest norm a residual-stream row can have (1.8e19): the next layer's
+norm sums its squares in float32, and beyond this the sum overflows, the norm
+zeroes the row and the model's output is lost, with no inf or NaN in the
+stream itself."""
 
 
 def broken_rows(hidden: Tensor) -> Tensor:
-    """Rows (``[T]`` bool) holding inf, NaN or a value beyond ``stream_limit``."""
-    return ~(hidden.abs() <= stream_limit(hidden.dtype)).all(dim=-1)
+    """Rows (``[T]`` bool) holding inf or NaN, or whose squares sum beyond float32
+    (a norm above ``NORM_LIMIT``)."""
+    return ~(hidden.float().square().sum(dim=-1) <= FLOAT32_MAX)
 
 
 OP_NAMES = ("add", "projection_cap", "ablation")

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from workbench.errors import DtypeRangeError, HiddenSizeError, LayerIndexError, SpecError
 from workbench.files import atomic_path
-from workbench.ops import MAX_MESSAGE, OP_NAMES, ROLES, TARGET_CODES, stream_limit
+from workbench.ops import MAX_MESSAGE, NORM_LIMIT, OP_NAMES, ROLES, TARGET_CODES
 
 FORMAT_VERSION = 1
 
@@ -234,26 +234,32 @@ class LayerSteeringSpec:
 
 
 def _check_range(index: int, layer: LayerSteeringSpec, dtype: torch.dtype) -> None:
-    """``DtypeRangeError`` for a value of ``layer``'s ops beyond ``stream_limit(dtype)``."""
-    limit = stream_limit(dtype)
-    values: list[tuple[str, float]] = []
+    """``DtypeRangeError`` for a value of ``layer``'s ops that the model's
+    residual stream cannot hold: a value beyond ``dtype``'s maximum, or a
+    vector or bound beyond ``ops.NORM_LIMIT``, the norm at which the next
+    layer's norm overflows (the reply would come back empty)."""
+    name = str(dtype).removeprefix("torch.")
+    largest = torch.finfo(dtype).max
+    values: list[tuple[str, float, float]] = []
+    """(what, its magnitude, the largest it may be)."""
     if layer.add is not None:
         effect = layer.add.effect
         at = int(effect.abs().argmax())
-        values.append((f"the added vector (vector x scale) at index {at}", effect[at].item()))
+        values.append((f"the added vector (vector x scale) at index {at}", abs(effect[at].item()), largest))
+        values.append(("the added vector's norm", float(torch.linalg.vector_norm(effect.double())), NORM_LIMIT))
     if layer.projection_cap is not None:
         cap = layer.projection_cap
-        values += [
-            (f"the cap's {side}", bound) for side, bound in (("min", cap.min), ("max", cap.max)) if bound is not None
-        ]
+        for side, bound in (("min", cap.min), ("max", cap.max)):
+            if bound is not None:
+                values.append((f"the cap's {side}", abs(bound), min(largest, NORM_LIMIT)))
     if layer.ablation is not None:
-        values.append(("the ablation scale", layer.ablation.scale))
-    for what, value in values:
-        if abs(value) > limit:
-            name = str(dtype).removeprefix("torch.")
+        values.append(("the ablation scale", abs(layer.ablation.scale), largest))
+    for what, value, limit in values:
+        if value > limit:
             raise DtypeRangeError(
                 f"layer {index}: {what} is {value:.3g}, beyond what the model's {name} residual stream holds "
-                f"(|value| <= {limit:.3g}; beyond that the next layer's norm overflows and the reply comes back empty)"
+                f"(at most {limit:.3g}: {name}'s largest value is {largest:.3g}, and the next layer's norm "
+                f"overflows on rows of norm above {NORM_LIMIT:.3g}, so the reply would come back empty)"
             )
 
 

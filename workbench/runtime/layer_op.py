@@ -4,8 +4,8 @@
 ``out`` alone), applies the ops of each row's slot (``LayerTables``) in
 float32, rounding once to the model's dtype, writes the result into
 the layer's capture buffer, and marks in ``nonfinite_rows`` the steered rows
-that came out broken (inf, NaN, or beyond what the next layer's norm can
-square: ``ops.stream_limit``), the lowest such layer per row. Two implementations:
+that came out broken (inf, NaN, or a norm beyond what the next layer's norm
+can square: ``ops.NORM_LIMIT``), the lowest such layer per row. Two implementations:
 
 - ``steer_rows_torch``: the math of ``workbench.ops`` on gathered table rows,
   any device; it skips the ops no row of the step uses (``LayerUse``).

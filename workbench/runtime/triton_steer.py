@@ -4,7 +4,8 @@ Implements ``workbench.ops.apply_layer_ops`` (add, projection cap, ablation,
 in that order, each limited to its positions) on rows of the flattened batch,
 each row with the tables of its slot, and writes the result to the output
 and, on steps that capture the layer, to its capture buffer. A steered row
-that comes out broken (inf, NaN, or beyond ``ops.stream_limit``) gets the
+that comes out broken (inf, NaN, or squares summing beyond float32: a norm
+above ``ops.NORM_LIMIT``) gets the
 layer's index in ``nonfinite_rows`` (kept if an earlier layer is there already).
 
 Why a kernel of its own: left to torch.compile, the ops were fused with the
@@ -33,7 +34,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from workbench.ops import OP_NAMES, TARGET_CODES, stream_limit
+from workbench.ops import FLOAT32_MAX, OP_NAMES, TARGET_CODES
 from workbench.runtime.steering_tables import LayerTables
 
 # Globals a Triton kernel reads must be constexpr objects.
@@ -123,9 +124,10 @@ def _steer_rows_kernel(
     tl.store(steered_ptr + row * hidden + cols, steered, mask=inside)
     if slot != 0:
         value = steered.to(tl.float32)
-        # NaN fails every comparison, so "not within the limit" catches it with inf and overflow.
-        broken = tl.sum((~(tl.abs(value) <= limit)).to(tl.int32), axis=0)
-        if broken > 0:
+        # As the next layer's norm does: the squares summed in float32. NaN fails
+        # every comparison, so "not within the limit" catches it with inf and overflow.
+        squares = tl.sum(value * value, axis=0)
+        if ~(squares <= limit):
             # Rows run layer after layer, so a plain read-modify-write keeps the lowest layer.
             tl.store(nonfinite_ptr + row, tl.minimum(tl.load(nonfinite_ptr + row), layer))
     # The layer's capture flag (set per step by the worker) spares the write
@@ -164,7 +166,7 @@ def steer_rows(
             t.capture_flag,
             nonfinite_rows,
             layer,
-            stream_limit(out.dtype),
+            FLOAT32_MAX,
             t.slot_index,
             t.row_codes,
             t.add_vectors,
