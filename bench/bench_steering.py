@@ -82,7 +82,9 @@ def commit() -> str:
         return os.environ["WORKBENCH_COMMIT"]
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "workbench"], cwd=HERE, capture_output=True)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", str(HERE.parent / "workbench")], cwd=HERE, capture_output=True
+        )
     except OSError:
         return "unknown"
     if head.returncode:

@@ -4,6 +4,7 @@
 #   bash bench/run_device.sh bench   # the GPU benchmark preset
 #   bash bench/run_device.sh layer   # per-layer cost of the steering path (bench/layer_cost.py)
 #   bash bench/run_device.sh profile --requests 1 256   # kernels per step, steered vs plain (bench/profile_steps.py)
+#   bash bench/run_device.sh serve   # plain vLLM's server against workbench serve (bench/bench_serve.py)
 set -euo pipefail
 export PYTHONPATH="$PWD:${PYTHONPATH:-}"
 export VLLM_DISABLE_COMPILE_CACHE=1 TOKENIZERS_PARALLELISM=false
@@ -16,4 +17,5 @@ case "$1" in
   profile) PYTHONPATH="$PWD/bench:$PYTHONPATH" python3 bench/profile_steps.py gpu "${@:2}" ;;
   # With $OUT set, the result just written is copied there too.
   bench) python3 bench/bench_steering.py --preset gpu "${@:2}" && if [ -n "${OUT:-}" ]; then cp "$(ls -t bench/results/*.json | head -1)" "$OUT"/; fi ;;
+  serve) python3 bench/bench_serve.py --preset gpu "${@:2}" && if [ -n "${OUT:-}" ]; then cp "$(ls -t bench/results/*-serve-*.json | head -1)" "$OUT"/; fi ;;
 esac

@@ -1,10 +1,13 @@
-"""Shared fixtures: one real vLLM engine (eager, float32) on the embedded model
-and the Hugging Face reference model, each started once per test session."""
+"""Shared fixtures: one real vLLM engine (eager, float32) on the embedded model,
+the Hugging Face reference model, and a steering server (``workbench serve``,
+a subprocess with its own engine), each started once per test session when a
+test asks for it."""
 
 from __future__ import annotations
 
 import os
 import traceback
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,6 +58,36 @@ def hf():
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     return load_reference_model(dtype=torch.float32)
+
+
+MODEL = "smollm2-135m-instruct"
+"""The embedded model's served name."""
+CAPTURE_TTL_S = 8
+"""The test server's capture expiry: short, so a test can watch a capture expire."""
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """``workbench serve`` on 127.0.0.1 (float32, eager on CPU), with a steering folder holding one library vector."""
+    from tests.helpers import vector
+    from workbench.serve.launch import ServerProcess
+    from workbench.vector_library import VectorLibrary
+
+    folder = tmp_path_factory.mktemp("steering")
+    VectorLibrary(folder).save("joy-l6", vector(60), layer=6)
+    args = [
+        "--dtype", "float32",
+        "--max-model-len", "1024",
+        "--max-steering-slots", "16",
+        "--steering-dir", str(folder),
+        "--capture-ttl", str(CAPTURE_TTL_S),
+        "--seed", "0",
+    ]  # fmt: skip
+    env = {"VLLM_CPU_KVCACHE_SPACE": "2", "PYTHONPATH": str(Path(__file__).parent.parent)}
+    log = tmp_path_factory.mktemp("server-log") / "server.log"
+    with ServerProcess.workbench(args, env=env, log_path=log, start_timeout_s=420) as process:
+        process.folder = folder
+        yield process
 
 
 @pytest.fixture(scope="session")

@@ -28,6 +28,11 @@ def assert_rows_match(ours: Tensor, reference: Tensor) -> tuple[float, float]:
     return cosine, error
 
 
+def vector(seed: int, hidden: int = 576) -> Tensor:
+    """A seeded random vector of the embedded model's hidden size."""
+    return torch.randn(hidden, generator=torch.Generator().manual_seed(seed))
+
+
 def mean_direction(hf_model, token_ids: list[int], layer: int) -> Tensor:
     """Unit vector along the mean residual stream at ``layer``: a direction with a
     large projection, so caps and ablations on it change the output."""

@@ -138,13 +138,13 @@ async def test_new_specs_of_one_batch_load_in_one_worker_call(model, monkeypatch
         for layer in (2, 6, 11, 17, 23)
     ]
     calls = []
-    rpc = model._rpc
+    rpc = model._link.rpc
 
     async def counting_rpc(method, *args):
         calls.append(method)
         return await rpc(method, *args)
 
-    monkeypatch.setattr(model, "_rpc", counting_rpc)
+    monkeypatch.setattr(model._link, "rpc", counting_rpc)
     batch = await model.generate([prompt] * len(specs), GREEDY, steering_spec=specs)
     assert calls.count("workbench_load_slots") == 1
     monkeypatch.undo()

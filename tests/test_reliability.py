@@ -126,17 +126,17 @@ async def test_a_bad_handle_in_a_fetch_does_not_cost_the_good_ones_their_rows(mo
     gc.collect()
     stats = await drained_stats(model)
     # Their files went back to the worker for reuse: every file left is one it keeps.
-    assert len(list(Path(model._handoff_folder).iterdir())) == stats["recycled_files"]
+    assert len(list(Path(model._link.handoff_folder).iterdir())) == stats["recycled_files"]
 
 
 async def test_captures_come_back_inline_when_the_worker_cannot_see_the_shared_folder(model):
     """A worker on another host cannot see the client's /dev/shm folder: rows come back in the RPC reply."""
     _, shared = await model.generate(PROMPTS[0], greedy(4), capture_layers=[2, 9])
-    folder, model._handoff_folder = model._handoff_folder, "/nonexistent/workbench-handoff"
+    folder, model._link.handoff_folder = model._link.handoff_folder, "/nonexistent/workbench-handoff"
     try:
         _, inline = await model.generate(PROMPTS[0], greedy(4), capture_layers=[2, 9])
     finally:
-        model._handoff_folder = folder
+        model._link.handoff_folder = folder
     handles = shared + inline
     await model.fetch_captures_batch(handles)
     for layer in (2, 9):
@@ -342,7 +342,7 @@ async def test_thousand_capture_requests_leave_no_trace(model):
             memory.append(engine_rss_mib())
     assert stats["captures"] == 0 and stats["released"] == 0
     # What stays in the hand-off folder is the files kept for reuse, and nothing else.
-    assert len(list(Path(model._handoff_folder).iterdir())) == stats["recycled_files"] > 0
+    assert len(list(Path(model._link.handoff_folder).iterdir())) == stats["recycled_files"] > 0
     growth = memory[1] - memory[0]
     print(f"memory after 250 requests {memory[0]:.0f} MiB, after 1000 {memory[1]:.0f} MiB, growth {growth:.1f} MiB")
     assert growth < bound_mib, f"memory grew {growth:.0f} MiB over 750 capture requests (bound {bound_mib} MiB)"
@@ -355,7 +355,7 @@ async def test_a_capture_reuses_closed_files_and_never_touches_live_ones(model):
     _, (kept, closed) = await model.generate(PROMPTS[:2], greedy(6), capture_layers=[2, 7])
     await model.fetch_captures_batch([kept, closed])
     before = {layer: kept.hidden(layer).clone() for layer in (2, 7)}
-    folder = Path(model._handoff_folder)
+    folder = Path(model._link.handoff_folder)
     files = {path.stat().st_ino for path in folder.iterdir()}
     closed.close()
     gc.collect()

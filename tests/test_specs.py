@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -107,6 +108,32 @@ def test_dict_round_trip_is_json_able():
     spec = sample_spec()
     data = json.loads(json.dumps(spec.to_dict()))
     assert SteeringSpec.from_dict(data) == spec
+
+
+def test_dict_round_trip_with_base64_vectors_is_exact_and_smaller():
+    spec = sample_spec(hidden=576)
+    data = json.loads(json.dumps(spec.to_dict(vector_format="base64")))
+    assert isinstance(data["layers"]["2"]["add"]["vector"], str)
+    assert SteeringSpec.from_dict(data) == spec
+    assert len(json.dumps(data)) * 3 < len(json.dumps(spec.to_dict()))
+    mixed = spec.to_dict()
+    mixed["layers"]["5"]["ablation"] = data["layers"]["5"]["ablation"]  # lists and base64 in one dict
+    assert SteeringSpec.from_dict(mixed) == spec
+    with pytest.raises(SpecError, match="vector_format"):
+        spec.to_dict(vector_format="hex")
+
+
+@pytest.mark.parametrize(
+    ("vector", "message"),
+    [
+        ("not base64!", "layer '1' op 'add' vector is a string but not valid base64"),
+        ("AAAAAAA=", "decodes to 5 bytes"),
+        ("AADAfw==", "layer '1' op 'add': AddSpec.vector has a non-finite value nan at index 0"),
+    ],
+)
+def test_bad_base64_vectors_name_the_layer_and_op(vector, message):
+    with pytest.raises(SpecError, match=re.escape(message)):
+        SteeringSpec.from_dict({"layers": {"1": {"add": {"vector": vector}}}})
 
 
 def test_safetensors_round_trip(tmp_path):

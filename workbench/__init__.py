@@ -23,7 +23,9 @@ from workbench.embedded import DEFAULT_MODEL_NAME  # noqa: E402
 from workbench.errors import (  # noqa: E402
     CaptureError,
     CaptureIndexError,
+    CaptureLimitError,
     CaptureNotFetchedError,
+    CapturePendingError,
     ChatError,
     DtypeRangeError,
     EmbeddedModelError,
@@ -39,6 +41,7 @@ from workbench.errors import (  # noqa: E402
     RowSpaceError,
     SessionError,
     SpecError,
+    SpecNotFoundError,
     UnsupportedModelError,
     WorkbenchError,
     WorkerTimeoutError,
@@ -47,11 +50,15 @@ from workbench.specs import AblationSpec, AddSpec, LayerSteeringSpec, Projection
 
 
 def __getattr__(name: str) -> object:
-    # The client imports vLLM's engine; keep `import workbench` light for spec and HF-only use.
+    # The clients import vLLM's engine or httpx; keep `import workbench` light for spec and HF-only use.
     if name == "VLLMSteerModel":
         from workbench.client import VLLMSteerModel
 
         return VLLMSteerModel
+    if name == "RemoteSteerModel":  # the server's client: no vLLM needed
+        from workbench.remote import RemoteSteerModel
+
+        return RemoteSteerModel
     raise AttributeError(f"module 'workbench' has no attribute {name!r}")
 
 
@@ -62,7 +69,9 @@ __all__ = [
     "CaptureError",
     "CaptureHandle",
     "CaptureIndexError",
+    "CaptureLimitError",
     "CaptureNotFetchedError",
+    "CapturePendingError",
     "ChatError",
     "ChatResponse",
     "Completion",
@@ -80,9 +89,11 @@ __all__ = [
     "MessageBoundary",
     "ProjectionCapSpec",
     "PromptError",
+    "RemoteSteerModel",
     "RowSpaceError",
     "SessionError",
     "SpecError",
+    "SpecNotFoundError",
     "SteeringSpec",
     "UnsupportedModelError",
     "VLLMSteerModel",

@@ -7,8 +7,11 @@ runtime's code in vLLM's compile-cache key.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,8 @@ from typing import Any
 from workbench import __version__, wire
 from workbench.embedded import DEFAULT_MODEL_NAME, EMBEDDED_DTYPE, is_embedded, resolve_model_name
 from workbench.errors import EngineConfigError
+
+logger = logging.getLogger(__name__)
 
 CPU_KV_CACHE_BYTES = 2 << 30
 """KV cache of a CPU engine unless VLLM_CPU_KVCACHE_SPACE or kv_cache_memory_bytes says otherwise."""
@@ -76,44 +81,68 @@ def runtime_salt() -> str:
     return digest.hexdigest()[:16]
 
 
-def engine_environment(cfg: VLLMSteeringConfig) -> dict[str, str]:
-    """Environment the engine processes start with (they inherit it)."""
-    if cfg.model_runner not in wire.MODEL_RUNNER_ENV:
-        raise EngineConfigError(
-            f"model_runner must be one of {sorted(wire.MODEL_RUNNER_ENV)}, got {cfg.model_runner!r}"
-        )
+def engine_environment(model_runner: str = "auto") -> dict[str, str]:
+    """Environment the engine processes start with (they inherit it): our
+    defaults where the user set nothing, and the model runner asked for."""
+    if model_runner not in wire.MODEL_RUNNER_ENV:
+        raise EngineConfigError(f"model_runner must be one of {sorted(wire.MODEL_RUNNER_ENV)}, got {model_runner!r}")
     defaults = {key: value for key, value in wire.ENGINE_ENV_DEFAULTS.items() if key not in os.environ}
-    return {**defaults, **wire.MODEL_RUNNER_ENV[cfg.model_runner]}
+    return {**defaults, **wire.MODEL_RUNNER_ENV[model_runner]}
 
 
-def resolved_dtype(cfg: VLLMSteeringConfig) -> str:
-    return EMBEDDED_DTYPE if cfg.dtype == "auto" and is_embedded(cfg.model_name) else cfg.dtype
+def steered_engine_args(
+    args: Any, num_slots: int, requested_model: str | None = None, layers_path: str | None = None
+) -> Any:
+    """vLLM's ``AsyncEngineArgs`` with the runtime added: the ``workbench``
+    load format wrapping the one asked for, the worker extension, and our
+    settings (with the compile-cache salt) in ``additional_config``.
+
+    Also the defaults a steered engine takes where the caller left vLLM's:
+    the embedded model (``requested_model``) runs in float32, and a CPU
+    engine reserves ``CPU_KV_CACHE_BYTES`` of KV cache. Everything else the
+    caller set is kept; a worker extension of their own is refused, since
+    vLLM takes only one.
+    """
+    if args.worker_extension_cls and args.worker_extension_cls != wire.WORKER_EXTENSION:
+        raise EngineConfigError(
+            f"worker_extension_cls {args.worker_extension_cls!r}: a steered engine needs vLLM's "
+            f"one worker extension slot for {wire.WORKER_EXTENSION}"
+        )
+    extra = args.model_loader_extra_config or {}
+    if not isinstance(extra, Mapping):
+        raise EngineConfigError(f"model_loader_extra_config must be a dict for a steered engine, got {extra!r}")
+    extra = dict(extra)
+    if args.load_format != wire.LOAD_FORMAT:
+        extra[wire.INNER_LOAD_FORMAT_KEY] = str(args.load_format)
+    settings = wire.EngineSettings(num_slots=num_slots, runtime=runtime_salt(), layers_path=layers_path)
+    changes: dict[str, Any] = {
+        "load_format": wire.LOAD_FORMAT,
+        "model_loader_extra_config": extra,
+        "worker_extension_cls": wire.WORKER_EXTENSION,
+        "additional_config": {**(args.additional_config or {}), **settings.to_additional_config()},
+    }
+    if requested_model is not None and args.dtype == "auto" and is_embedded(requested_model):
+        changes["dtype"] = EMBEDDED_DTYPE
+    if is_cpu_platform() and "VLLM_CPU_KVCACHE_SPACE" not in os.environ and args.kv_cache_memory_bytes is None:
+        # On CPU, vLLM otherwise reserves gpu_memory_utilization of *host*
+        # memory, so a second engine in the same machine cannot start.
+        changes["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
+    return dataclasses.replace(args, **changes)
 
 
 def engine_args(cfg: VLLMSteeringConfig, enforce_eager: bool, **engine_kwargs: Any) -> Any:
-    """The ``AsyncEngineArgs`` of a steered engine: vLLM's own settings plus our
-    load format, worker extension and compile-cache salt."""
+    """The ``AsyncEngineArgs`` of a steered engine for ``cfg`` (``steered_engine_args``)."""
     from vllm import AsyncEngineArgs
 
-    engine_kwargs = {**cfg.engine_kwargs, **engine_kwargs}
-    if is_cpu_platform() and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
-        # On CPU, vLLM otherwise reserves gpu_memory_utilization of *host*
-        # memory, so a second engine in the same machine cannot start.
-        engine_kwargs.setdefault("kv_cache_memory_bytes", CPU_KV_CACHE_BYTES)
-    settings = wire.EngineSettings(
-        num_slots=cfg.max_steering_slots, runtime=runtime_salt(), layers_path=cfg.layers_path
-    )
-    return AsyncEngineArgs(
+    args = AsyncEngineArgs(
         model=resolve_model_name(cfg.model_name),
         tensor_parallel_size=cfg.tensor_parallel_size,
         gpu_memory_utilization=cfg.gpu_memory_utilization,
         max_model_len=cfg.max_model_len,
-        dtype=resolved_dtype(cfg),
+        dtype=cfg.dtype,
         seed=cfg.seed,
         enforce_eager=enforce_eager,
-        load_format=wire.LOAD_FORMAT,
-        model_loader_extra_config={wire.INNER_LOAD_FORMAT_KEY: cfg.load_format},
-        worker_extension_cls=wire.WORKER_EXTENSION,
-        additional_config=settings.to_additional_config(),
-        **engine_kwargs,
+        load_format=cfg.load_format,
+        **{**cfg.engine_kwargs, **engine_kwargs},
     )
+    return steered_engine_args(args, cfg.max_steering_slots, cfg.model_name, cfg.layers_path)

@@ -29,7 +29,7 @@ from workbench.errors import CaptureError, SpecError
 from workbench.specs import AddSpec
 
 if TYPE_CHECKING:
-    from workbench.client import VLLMSteerModel
+    from workbench.steer_model import SteerModel
 
 METHODS = ("mean_diff", "pca")
 TOKEN_REDUCTIONS = ("last_prompt", "prompt_mean", "message_mean", "generated_mean")
@@ -107,7 +107,7 @@ class ContrastVector:
 
 
 async def _capture(
-    model: VLLMSteerModel,
+    model: SteerModel,
     examples: Sequence[str | Sequence[Mapping[str, Any]]],
     layers: list[int],
     sampling_params: Any,
@@ -127,7 +127,7 @@ async def _capture(
 
 
 async def extract_contrast_vectors(
-    model: VLLMSteerModel,
+    model: SteerModel,
     positive: Sequence[str | Sequence[Mapping[str, Any]]],
     negative: Sequence[str | Sequence[Mapping[str, Any]]],
     layers: Sequence[int],
@@ -141,8 +141,6 @@ async def extract_contrast_vectors(
     Examples are prompts or conversations. Only ``generated_mean`` generates
     more than one token (greedy, 32 tokens unless ``sampling_params`` says).
     """
-    from vllm import SamplingParams
-
     if method not in METHODS:
         raise SpecError(f"method must be one of {METHODS}, got {method!r}")
     if tokens not in TOKEN_REDUCTIONS:
@@ -150,7 +148,9 @@ async def extract_contrast_vectors(
     if not positive or len(positive) != len(negative):
         raise SpecError(f"need paired examples: got {len(positive)} positive and {len(negative)} negative")
     if sampling_params is None:
-        sampling_params = SamplingParams(temperature=0.0, max_tokens=32 if tokens == "generated_mean" else 1)
+        sampling_params = model._resolve_sampling(
+            None, {}, temperature=0.0, max_tokens=32 if tokens == "generated_mean" else 1
+        )
     layer_list = sorted(set(layers))
     handles = await _capture(model, [*positive, *negative], layer_list, sampling_params, chat_options)
     pairs = len(positive)
@@ -159,7 +159,7 @@ async def extract_contrast_vectors(
         rows = torch.stack([reduce_rows(handle, layer, tokens) for handle in handles]).float()
         pos, neg = rows[:pairs], rows[pairs:]
         vector = difference_of_means(pos, neg) if method == "mean_diff" else first_principal_component(pos - neg)
-        vectors[layer] = ContrastVector(vector, layer, method, tokens, model.cfg.model_name, pairs)
+        vectors[layer] = ContrastVector(vector, layer, method, tokens, model.model_id, pairs)
     for handle in handles:
         handle.close()
     return vectors

@@ -4,18 +4,21 @@
     ├── SpecError (ValueError)              a steering spec or vector is malformed
     │   ├── HiddenSizeError                 a vector's size differs from the model's hidden size
     │   ├── LayerIndexError (IndexError)    a layer index outside the model
-    │   └── DtypeRangeError                 a value the model's dtype cannot hold
+    │   ├── DtypeRangeError                 a value the model's dtype cannot hold
+    │   └── SpecNotFoundError               no spec or vector of that name (a server's --steering-dir)
     ├── CaptureError                        capture requested or read wrongly
     │   ├── HandleReleasedError             a capture handle whose data was released
     │   ├── CaptureNotFetchedError (RuntimeError)  rows read before they were fetched
     │   ├── CaptureIndexError (ValueError, IndexError)  a message or layer not in the capture
+    │   ├── CapturePendingError             a server capture fetched while its request still runs
+    │   ├── CaptureLimitError               a server holds all the unfetched captures its memory limit allows
     │   └── RowSpaceError (OSError)         the worker cannot store captured rows
     ├── ChatError (ValueError)              a conversation cannot be formatted
     ├── PromptError (ValueError, TypeError) a prompt is empty, too long or not text/token ids
     ├── EngineClosedError (RuntimeError)    the model was used after close()
     ├── EngineDeadError (RuntimeError)      the engine's processes died
     ├── EngineStartError (RuntimeError)     the engine failed to start (vLLM's reason inside)
-    ├── EngineConfigError (ValueError)      the running notebook engine has another configuration
+    ├── EngineConfigError (ValueError)      engine settings that cannot work (together, or with the running one)
     ├── EngineTimeoutError (TimeoutError)   an engine call did not finish in time
     │   └── WorkerTimeoutError              a worker RPC got no answer in time
     ├── SessionError (ValueError)           a saved workbench session is missing or malformed
@@ -49,6 +52,10 @@ class DtypeRangeError(SpecError):
     in the residual stream (they would turn it into inf or NaN)."""
 
 
+class SpecNotFoundError(SpecError):
+    """No steering spec or vector of that name among a server's ``--steering-dir`` folders."""
+
+
 class CaptureError(WorkbenchError):
     """A capture was requested or read in a way that cannot work."""
 
@@ -63,6 +70,15 @@ class CaptureNotFetchedError(CaptureError, RuntimeError):
 
 class CaptureIndexError(CaptureError, ValueError, IndexError):
     """A message index or layer that the capture does not have."""
+
+
+class CapturePendingError(CaptureError):
+    """A server capture was fetched while its request still runs (fetch it once the reply is complete)."""
+
+
+class CaptureLimitError(CaptureError):
+    """A server already holds as many unfetched captures as its ``--capture-memory-gib`` allows;
+    fetch or delete some (or let them expire) and ask again."""
 
 
 class RowSpaceError(CaptureError, OSError):
@@ -92,7 +108,8 @@ class EngineStartError(WorkbenchError, RuntimeError):
 
 
 class EngineConfigError(WorkbenchError, ValueError):
-    """The kernel's running engine was started with another configuration."""
+    """Engine settings that cannot work: options a steered engine cannot take
+    together, or another configuration than the kernel's running engine has."""
 
 
 class EngineTimeoutError(WorkbenchError, TimeoutError):

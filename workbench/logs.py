@@ -46,6 +46,10 @@ _POINTER = re.compile(r"root cause|stack trace|see (the )?log", re.IGNORECASE)
 """Messages that only point elsewhere ("see root cause above"): the reason is an earlier line."""
 
 
+_level_chosen = bool(os.environ.get(LOG_LEVEL_ENV) or os.environ.get(VLLM_LEVEL_ENV))
+"""Whether the user chose vLLM's log level (before workbench set its default)."""
+
+
 def quiet_vllm() -> None:
     """Set vLLM's log level (and the engine processes' warning filters) unless the user chose them."""
     os.environ.setdefault(VLLM_LEVEL_ENV, os.environ.get(LOG_LEVEL_ENV, "WARNING").upper())
@@ -54,6 +58,17 @@ def quiet_vllm() -> None:
             os.environ.setdefault(key, value)
     if "vllm" in sys.modules:  # imported before us: its logger is configured already
         logging.getLogger("vllm").setLevel(os.environ[VLLM_LEVEL_ENV].upper())
+
+
+def server_logging() -> None:
+    """vLLM's own INFO log unless the user chose a level: a server reports its
+    start-up, routes and requests there, as ``vllm serve`` does."""
+    if not _level_chosen:
+        os.environ[VLLM_LEVEL_ENV] = "INFO"
+        for key, value in QUIET_ENGINE_ENV.items():
+            if os.environ.get(key) == value:
+                del os.environ[key]
+        logging.getLogger("vllm").setLevel("INFO")
 
 
 class EngineOutput:

@@ -11,6 +11,8 @@ Checks that need the model (hidden size, layer range) are in
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import math
@@ -41,6 +43,10 @@ assistant's). A message index (an int) targets that message's tokens."""
 
 Positions = str | int
 
+VECTOR_FORMATS = ("list", "base64")
+"""How ``to_dict`` writes vectors: JSON lists of floats, or base64 of their
+little-endian float32 bytes (a quarter of the size, and exact)."""
+
 
 def _tensor_name(layer: int | str, op: str) -> str:
     return f"layers.{layer}.{op}.vector"
@@ -64,6 +70,22 @@ def as_vector(value: Any, name: str) -> Tensor:
         bad = int((~torch.isfinite(vector)).nonzero()[0])
         raise SpecError(f"{name} has a non-finite value {vector[bad].item()} at index {bad}")
     return vector
+
+
+def encode_vector(vector: Tensor) -> str:
+    """Base64 of a vector's little-endian float32 bytes (``decode_vector`` inverts it)."""
+    return base64.b64encode(vector.to(torch.float32).contiguous().numpy().astype("<f4").tobytes()).decode("ascii")
+
+
+def decode_vector(text: str, name: str) -> Tensor:
+    """The float32 vector whose little-endian bytes ``text`` holds in base64."""
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise SpecError(f"{name} is a string but not valid base64: {exc}") from exc
+    if not raw or len(raw) % 4:
+        raise SpecError(f"{name} decodes to {len(raw)} bytes; base64 vectors hold float32 values (4 bytes each)")
+    return torch.frombuffer(bytearray(raw), dtype=torch.float32).clone()
 
 
 def as_direction(value: Any, name: str) -> Tensor:
@@ -374,17 +396,25 @@ class SteeringSpec:
                 data[key][name] = {**params, "vector": tensors[tensor_name]}
         return cls.from_dict({"layers": data})
 
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-able dict (vectors as lists of floats)."""
+    def to_dict(self, vector_format: str = "list") -> dict[str, Any]:
+        """A JSON-able dict; vectors as lists of floats, or with
+        ``vector_format="base64"`` as base64 strings of their float32 bytes."""
+        if vector_format not in VECTOR_FORMATS:
+            raise SpecError(f"vector_format must be one of {VECTOR_FORMATS}, got {vector_format!r}")
         layers, tensors = self.to_parts()
         for index, ops in layers.items():
             for name, params in ops.items():
-                params["vector"] = tensors[_tensor_name(index, name)].tolist()
+                vector = tensors[_tensor_name(index, name)]
+                params["vector"] = vector.tolist() if vector_format == "list" else encode_vector(vector)
         return {"format_version": FORMAT_VERSION, "layers": layers}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SteeringSpec:
-        """Inverse of ``to_dict``; raises ``SpecError`` naming what is malformed."""
+        """Inverse of ``to_dict``; raises ``SpecError`` naming what is malformed.
+
+        A vector may be a list of numbers, a tensor, or a base64 string of
+        little-endian float32 bytes (what ``to_dict(vector_format="base64")`` writes).
+        """
         if not isinstance(data, Mapping) or not isinstance(data.get("layers"), Mapping):
             raise SpecError("a steering spec dict needs a 'layers' mapping")
         version = data.get("format_version", FORMAT_VERSION)
@@ -405,10 +435,15 @@ class SteeringSpec:
             for name, params in ops.items():
                 if not isinstance(params, Mapping) or "vector" not in params:
                     raise SpecError(f"layer {key!r} op {name!r} needs a 'vector'")
+                where = f"layer {key!r} op {name!r}"
+                if isinstance(params["vector"], str):
+                    params = {**params, "vector": decode_vector(params["vector"], f"{where} vector")}
                 try:
                     built[name] = _OPS[name](**params)
                 except TypeError as exc:
-                    raise SpecError(f"layer {key!r} op {name!r}: {exc}") from exc
+                    raise SpecError(f"{where}: {exc}") from exc
+                except SpecError as exc:  # name the layer too: a dict often comes from a request or a file
+                    raise type(exc)(f"{where}: {exc}") from exc
             layers[index] = LayerSteeringSpec(**built)
         return cls(layers=layers)
 

@@ -22,7 +22,7 @@ from workbench.errors import SpecError
 from workbench.specs import AblationSpec, AddSpec, SteeringSpec
 
 if TYPE_CHECKING:
-    from workbench.client import VLLMSteerModel
+    from workbench.steer_model import SteerModel
 
 SWEEP_OPS = ("add", "ablation")
 
@@ -39,7 +39,7 @@ def sweep_specs(
 
 
 async def run_sweep(
-    model: VLLMSteerModel,
+    model: SteerModel,
     prompt: str | Sequence[Mapping[str, Any]],
     layer: int,
     vector: Any,
@@ -58,11 +58,9 @@ async def run_sweep(
     ``sampling_params`` or keyword arguments (default: greedy, 32 tokens);
     ``base_spec`` is the steering the sweep starts from (default: the
     model's current state)."""
-    from workbench.client import resolve_sampling
-
     if not scales:
         raise SpecError("scales is empty")
-    sampling_params = resolve_sampling(sampling_params, sampling_kwargs, temperature=0.0, max_tokens=32)
+    sampling_params = model._resolve_sampling(sampling_params, sampling_kwargs, temperature=0.0, max_tokens=32)
     base = model.export_steering_spec() if base_spec is None else base_spec
     specs = sweep_specs(base, layer, vector, scales, op, positions)
     measure = layer if measure_layer is None else measure_layer

@@ -30,6 +30,13 @@ from workbench.specs import as_vector
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
+def check_name(name: Any, kind: str = "vector") -> str:
+    """``name`` if it can name a file in a folder of vectors or specs (never a path), else ``SpecError``."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or name.endswith((".json", ".safetensors")):
+        raise SpecError(f"{kind} name {name!r} must be letters, digits, '_', '-' or '.', not a path")
+    return name
+
+
 class VectorLibrary:
     """Named vectors with metadata in one folder."""
 
@@ -37,8 +44,7 @@ class VectorLibrary:
         self.root = Path(root)
 
     def _paths(self, name: str) -> tuple[Path, Path]:
-        if not isinstance(name, str) or not _NAME.fullmatch(name) or name.endswith((".json", ".safetensors")):
-            raise SpecError(f"vector name {name!r} must be letters, digits, '_', '-' or '.', not a path")
+        check_name(name, "vector")
         return self.root / f"{name}.safetensors", self.root / f"{name}.json"
 
     def save(self, name: str, vector: Tensor | ContrastVector, **metadata: Any) -> Path:

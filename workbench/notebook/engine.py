@@ -1,6 +1,7 @@
 """One engine per kernel: ``get_engine()`` starts the shared ``VLLMSteerModel``
 once, on the bridge's loop thread, and hands back a ``NotebookEngine`` that
-runs its coroutines there.
+runs its coroutines there. ``get_engine(url=...)`` uses a steering server
+instead (a ``RemoteSteerModel``: the model runs on another machine).
 
 Asking again with another config raises ``EngineConfigError`` naming the
 difference; pass ``restart=True`` to replace the engine. An engine whose
@@ -20,6 +21,8 @@ from typing import Any, TypeVar
 from workbench.client import VLLMSteeringConfig, VLLMSteerModel
 from workbench.errors import EngineConfigError
 from workbench.notebook.bridge import DEFAULT_TIMEOUT_S, LoopThread
+from workbench.remote import RemoteSteerModel
+from workbench.steer_model import SteerModel
 
 logger = logging.getLogger(__name__)
 
@@ -51,17 +54,20 @@ def _elapsed(description: str) -> Iterator[None]:
 class NotebookEngine:
     """The shared model plus the loop thread it runs on."""
 
-    def __init__(self, config: VLLMSteeringConfig, engine_kwargs: dict[str, Any]) -> None:
+    def __init__(self, config: VLLMSteeringConfig, engine_kwargs: dict[str, Any], url: str | None = None) -> None:
         self.config = config
         self.engine_kwargs = engine_kwargs
+        self.url = url
         self.bridge = LoopThread()
 
-        async def start() -> VLLMSteerModel:
+        async def start() -> SteerModel:
             # Built on the loop thread so vLLM's AsyncLLM binds to that loop.
+            if url is not None:
+                return RemoteSteerModel(url, **engine_kwargs)
             return VLLMSteerModel(config, **engine_kwargs)
 
-        with _elapsed(f"starting the engine ({config.model_name})"):
-            self.model: VLLMSteerModel = self.bridge.run(start(), timeout=None)
+        with _elapsed(f"connecting to {url}" if url is not None else f"starting the engine ({config.model_name})"):
+            self.model: SteerModel = self.bridge.run(start(), timeout=None)
 
     @property
     def is_alive(self) -> bool:
@@ -96,13 +102,23 @@ def _differences(a: VLLMSteeringConfig, b: VLLMSteeringConfig) -> list[str]:
     ]
 
 
-def get_engine(config: VLLMSteeringConfig | None = None, restart: bool = False, **engine_kwargs: Any) -> NotebookEngine:
-    """The kernel's engine, started on first use (this takes a while; vLLM logs its progress)."""
+def get_engine(
+    config: VLLMSteeringConfig | None = None, restart: bool = False, url: str | None = None, **engine_kwargs: Any
+) -> NotebookEngine:
+    """The kernel's engine, started on first use (this takes a while; vLLM logs its progress).
+
+    With ``url``, the model is the steering server there (``RemoteSteerModel``;
+    ``engine_kwargs`` are its options, e.g. ``api_key``) instead of an engine in this kernel.
+    """
     global _current
+    if url is not None and config is not None:
+        raise EngineConfigError("give a config (an engine in this kernel) or a url (a steering server), not both")
     with _lock:
         if _current is not None and not restart:
             if _current.is_alive:
                 differences = _differences(_current.config, config) if config is not None else []
+                if url != _current.url and (url is not None or config is not None):
+                    differences.append(f"url: running {_current.url!r}, asked {url!r}")
                 if engine_kwargs and engine_kwargs != _current.engine_kwargs:
                     differences.append(f"engine_kwargs: running {_current.engine_kwargs!r}, asked {engine_kwargs!r}")
                 if differences:
@@ -116,7 +132,7 @@ def get_engine(config: VLLMSteeringConfig | None = None, restart: bool = False, 
         if _current is not None:
             _current.close()
             _current = None
-        _current = NotebookEngine(config or VLLMSteeringConfig(), engine_kwargs)
+        _current = NotebookEngine(config or VLLMSteeringConfig(), engine_kwargs, url)
         return _current
 
 

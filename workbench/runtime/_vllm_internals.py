@@ -60,13 +60,13 @@ def register_model_loader(name: str) -> Callable[[type], type]:
     return register(name)
 
 
-def inner_model_loader(load_config: Any, load_format: str) -> Any:
-    """The loader vLLM would use for ``load_format`` (the one our loader wraps)."""
+def inner_model_loader(load_config: Any, load_format: str, extra_config: dict[str, Any]) -> Any:
+    """The loader vLLM would use for ``load_format`` with ``extra_config`` (the one our loader wraps)."""
     from dataclasses import replace
 
     from vllm.model_executor.model_loader import get_model_loader
 
-    return get_model_loader(replace(load_config, load_format=load_format, model_loader_extra_config={}))
+    return get_model_loader(replace(load_config, load_format=load_format, model_loader_extra_config=extra_config))
 
 
 def tensor_parallel_rank() -> int:

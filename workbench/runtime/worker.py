@@ -308,8 +308,10 @@ class SteeringModelLoader(vi.BaseModelLoader):
 
     def __init__(self, load_config: Any) -> None:
         super().__init__(load_config)
-        inner = (load_config.model_loader_extra_config or {}).get(wire.INNER_LOAD_FORMAT_KEY, "auto")
-        self.inner = vi.inner_model_loader(load_config, inner)
+        extra = dict(load_config.model_loader_extra_config or {})
+        inner = extra.pop(wire.INNER_LOAD_FORMAT_KEY, "auto")
+        # The rest of the extra config (e.g. a tensorizer's settings) is the inner loader's.
+        self.inner = vi.inner_model_loader(load_config, inner, extra)
 
     def download_model(self, model_config: Any) -> None:
         self.inner.download_model(model_config)

@@ -1,0 +1,280 @@
+"""Serving throughput and time to first token: plain ``vllm serve`` against ``workbench serve``.
+
+Configurations, each measured with the same load (N prompts of random token
+ids, streamed greedy ``/v1/completions`` requests with ``ignore_eos``, C
+concurrent clients, this process being the load generator):
+
+- ``plain vllm serve``: vLLM's own server on the same model and options;
+- ``workbench serve, no steering``: the steering server, requests without ``steering``;
+- ``workbench serve, 16 distinct specs``: each request carries one of 16 specs
+  (an add on every layer, vectors in base64), so 16 slots run in every batch.
+
+One server runs at a time (plain vLLM first, then the workbench server for
+both of its configurations), each warmed up before ``rounds`` timed rounds.
+Reported per configuration: output tokens per second (median over rounds),
+time to first token (mean, median and p99 over requests, median over rounds),
+the ratio of throughput to plain vLLM's, and how many greedy outputs of the
+unsteered workbench server equal plain vLLM's token for token.
+
+    python bench/bench_serve.py --preset cpu     # embedded SmolLM2 on this machine (a check that it runs)
+    python bench/bench_serve.py --preset gpu     # Llama-3-8B shape, dummy bf16 weights: 256 prompts, 64 clients
+
+Results go to bench/results/<date>-<card>-<commit>-serve-<preset>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+
+sys.path.insert(1, str(Path(__file__).parent.parent))  # the workbench of this checkout
+
+from bench_steering import commit, device_name, random_spec  # noqa: E402
+
+from workbench.embedded import resolve_model_name  # noqa: E402
+from workbench.serve.launch import ServerProcess  # noqa: E402
+
+HERE = Path(__file__).parent
+logger = logging.getLogger("bench_serve")
+
+
+@dataclass(frozen=True)
+class Preset:
+    model: str
+    server_args: tuple[str, ...]
+    prompts: int
+    concurrency: int
+    prompt_tokens: int
+    output_tokens: int
+    rounds: int
+    specs: int = 16
+
+
+PRESETS = {
+    "cpu": Preset(
+        model="smollm2-135m-instruct",
+        server_args=("--dtype", "float32", "--max-model-len", "512", "--enforce-eager"),
+        prompts=32,
+        concurrency=8,
+        prompt_tokens=32,
+        output_tokens=32,
+        rounds=2,
+    ),
+    "gpu": Preset(
+        model=str(HERE / "models" / "llama3-8b-shape"),
+        server_args=(
+            "--dtype",
+            "bfloat16",
+            "--max-model-len",
+            "1024",
+            "--load-format",
+            "dummy",
+            "--skip-tokenizer-init",
+            "--gpu-memory-utilization",
+            "0.85",
+        ),  # fmt: skip
+        prompts=256,
+        concurrency=64,
+        prompt_tokens=64,
+        output_tokens=128,
+        rounds=3,
+    ),
+}
+"""Both kinds of server get the preset's options, with prefix caching off: every round
+sends the same prompts, and cached prefills would hide the cost of prefill."""
+
+
+@dataclass
+class Round:
+    tok_per_s: float
+    ttft_s: list[float]
+    outputs: list[list[int]]
+
+
+async def load(url: str, model: str, prompts: list[list[int]], preset: Preset, bodies: list[dict[str, Any]]) -> Round:
+    """Send every prompt (with ``bodies[i]`` merged into its request), ``preset.concurrency`` at a time."""
+    gate = asyncio.Semaphore(preset.concurrency)
+    limits = httpx.Limits(max_connections=preset.concurrency, max_keepalive_connections=preset.concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=3600, limits=limits) as client:
+
+        async def one(ids: list[int], extra: dict[str, Any]) -> tuple[float, list[int], int]:
+            body = {
+                "model": model,
+                "prompt": ids,
+                "max_tokens": preset.output_tokens,
+                "temperature": 0.0,
+                "ignore_eos": True,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+                "return_token_ids": True,
+                **extra,
+            }
+            async with gate:
+                started = time.perf_counter()
+                first, tokens, count = None, [], 0
+                async with client.stream("POST", "/v1/completions", json=body) as reply:
+                    if reply.status_code != 200:
+                        raise RuntimeError(f"HTTP {reply.status_code}: {(await reply.aread())[:300]!r}")
+                    async for line in reply.aiter_lines():
+                        if not line.startswith("data: {"):
+                            continue
+                        event = json.loads(line[6:])
+                        for choice in event.get("choices") or ():
+                            if first is None:
+                                first = time.perf_counter() - started
+                            tokens += choice.get("token_ids") or []
+                        if event.get("usage"):
+                            count = event["usage"]["completion_tokens"]
+            return first or 0.0, tokens, count
+
+        started = time.perf_counter()
+        results = await asyncio.gather(*(one(ids, extra) for ids, extra in zip(prompts, bodies)))
+        elapsed = time.perf_counter() - started
+    return Round(sum(r[2] for r in results) / elapsed, [r[0] for r in results], [r[1] for r in results])
+
+
+def summary(rounds: list[Round]) -> dict[str, Any]:
+    def p99(values: list[float]) -> float:
+        ordered = sorted(values)
+        return ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+
+    return {
+        "tok_per_s": [round(r.tok_per_s, 1) for r in rounds],
+        "median_tok_per_s": round(statistics.median(r.tok_per_s for r in rounds), 1),
+        "ttft_mean_s": round(statistics.median(statistics.fmean(r.ttft_s) for r in rounds), 4),
+        "ttft_median_s": round(statistics.median(statistics.median(r.ttft_s) for r in rounds), 4),
+        "ttft_p99_s": round(statistics.median(p99(r.ttft_s) for r in rounds), 4),
+    }
+
+
+async def measure(
+    server: ServerProcess,
+    model: str,
+    prompts: list[list[int]],
+    preset: Preset,
+    configs: dict[str, list[dict[str, Any]]],
+) -> dict[str, list[Round]]:
+    """Warm each configuration up once, then time ``preset.rounds`` rounds of each, alternating."""
+    for bodies in configs.values():
+        await load(server.url, model, prompts, preset, bodies)
+    rounds: dict[str, list[Round]] = {name: [] for name in configs}
+    for index in range(preset.rounds):
+        for name, bodies in configs.items():
+            rounds[name].append(await load(server.url, model, prompts, preset, bodies))
+            logger.info("%s, round %d: %.0f tok/s", name, index + 1, rounds[name][-1].tok_per_s)
+    return rounds
+
+
+async def main(args: argparse.Namespace) -> None:
+    preset = PRESETS[args.preset]
+    if args.rounds:
+        preset = Preset(**{**preset.__dict__, "rounds": args.rounds})
+    model = resolve_model_name(preset.model)
+    served = preset.model if model != preset.model else model
+    config = json.loads((Path(model) / "config.json").read_text())
+    hidden, layers, vocab = config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]
+    generator = torch.Generator().manual_seed(0)
+    prompts = [
+        torch.randint(100, min(vocab, 32000), (preset.prompt_tokens,), generator=generator).tolist()
+        for _ in range(preset.prompts)
+    ]
+    specs = [random_spec(list(range(layers)), hidden, seed=100 + i) for i in range(preset.specs)]
+    steered = [{"steering": specs[i % preset.specs].to_dict(vector_format="base64")} for i in range(preset.prompts)]
+    unsteered: list[dict[str, Any]] = [{} for _ in prompts]
+    common = [
+        *("--model", model, "--served-model-name", served, "--seed", "0", "--no-enable-prefix-caching"),
+        *preset.server_args,
+    ]
+    checkout = str(HERE.parent)  # the servers run this checkout's workbench too
+    env = {
+        "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
+        "PYTHONPATH": os.pathsep.join(filter(None, [checkout, os.environ.get("PYTHONPATH")])),
+    }
+    logs = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    results: dict[str, list[Round]] = {}
+    startup: dict[str, float] = {}
+
+    plain_kinds = {"plain vllm serve": {}}
+    if torch.cuda.is_available():  # workbench runs vLLM's V1 model runner; V2 is the CUDA default
+        plain_kinds["plain vllm serve, V1 runner"] = {"VLLM_USE_V2_MODEL_RUNNER": "0"}
+    for name, extra_env in plain_kinds.items():
+        started = time.perf_counter()
+        with ServerProcess.vllm(common, env={**env, **extra_env}, log_path=logs / f"{name}.log") as server:
+            startup[name] = round(time.perf_counter() - started, 1)
+            results.update(await measure(server, served, prompts, preset, {name: unsteered}))
+    started = time.perf_counter()
+    with ServerProcess.workbench(common, env=env, log_path=logs / "workbench.log") as server:
+        startup["workbench serve"] = round(time.perf_counter() - started, 1)
+        configs = {
+            "workbench serve, no steering": unsteered,
+            f"workbench serve, {preset.specs} distinct specs": steered,
+        }
+        results.update(await measure(server, served, prompts, preset, configs))
+
+    plain = statistics.median(r.tok_per_s for r in results["plain vllm serve"])
+    same = sum(
+        a == b
+        for a, b in zip(results["plain vllm serve"][-1].outputs, results["workbench serve, no steering"][-1].outputs)
+    )
+    import vllm
+
+    report = {
+        "date": dt.date.today().isoformat(),
+        "device": device_name(),
+        "commit": commit(),
+        "preset": args.preset,
+        "workload": {
+            "model": preset.model,
+            "server_args": list(preset.server_args),
+            "prompts": preset.prompts,
+            "concurrency": preset.concurrency,
+            "prompt_tokens": preset.prompt_tokens,
+            "output_tokens": preset.output_tokens,
+            "rounds": preset.rounds,
+            "specs": preset.specs,
+        },
+        "versions": {"vllm": vllm.__version__, "torch": torch.__version__, "python": platform.python_version()},
+        "startup_s": startup,
+        "configurations": {name: summary(rounds) for name, rounds in results.items()},
+        "ratio_to_plain": {
+            name: round(statistics.median(r.tok_per_s for r in rounds) / plain, 3) for name, rounds in results.items()
+        },
+        "unsteered_outputs_equal_plain": f"{same}/{len(prompts)}",
+    }
+    slug = report["device"].replace(" ", "-").lower()
+    path = HERE / "results" / f"{report['date']}-{slug}-{report['commit']}-serve-{args.preset}.json"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\n{report['device']} | vLLM {vllm.__version__} | {preset.prompts} prompts, {preset.concurrency} clients")
+    print("| configuration | tok/s | vs plain | TTFT mean | TTFT p99 |\n| --- | ---: | ---: | ---: | ---: |")
+    for name, row in report["configurations"].items():
+        print(
+            f"| {name} | {row['median_tok_per_s']:,.0f} | {report['ratio_to_plain'][name]:.3f} "
+            f"| {row['ttft_mean_s'] * 1000:.0f} ms | {row['ttft_p99_s'] * 1000:.0f} ms |"
+        )
+    print(f"unsteered outputs equal to plain vLLM's: {report['unsteered_outputs_equal_plain']}; server logs in {logs}")
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--rounds", type=int, help="override the preset's timed rounds")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
+    asyncio.run(main(parser.parse_args()))

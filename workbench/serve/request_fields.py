@@ -1,0 +1,111 @@
+"""The steering and capture fields of a request body, checked against the model.
+
+``/v1/completions`` and ``/v1/chat/completions`` take two fields beside
+vLLM's own:
+
+- ``steering``: a spec dict as ``SteeringSpec.to_dict()`` writes it (vectors
+  as lists of floats or base64 float32), or a reference to a name the server
+  knows (``SpecStore``): ``{"name": "joy", "scale": 4.0}``, or just
+  ``"joy"``. A named spec runs as saved, ``scale`` replacing the scale of
+  each of its add ops. A named library vector runs as an add at ``layer``
+  (default: the layer in its metadata) with ``scale`` (default 1.0) at
+  ``positions`` (default ``"all"``). ``null`` or ``{}`` is no steering.
+- ``capture_layers``: layer indices to capture (an int for one layer).
+
+Each parser raises a typed ``WorkbenchError`` naming the bad value, before
+the request reaches vLLM; the server answers it with HTTP 400.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from workbench.errors import CaptureError, LayerIndexError, SpecError
+from workbench.serve.spec_store import SPEC, SpecStore
+from workbench.specs import AddSpec, LayerSteeringSpec, SteeringSpec, check_layer_index
+
+STEERING_FIELD = "steering"
+CAPTURE_FIELD = "capture_layers"
+FIELDS = (STEERING_FIELD, CAPTURE_FIELD)
+
+NAMED_KEYS = ("name", "scale", "layer", "positions")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What specs and layers are checked against."""
+
+    hidden_size: int
+    layer_count: int
+    dtype: torch.dtype
+
+
+def parse_steering(value: Any, model: ModelShape, store: SpecStore) -> SteeringSpec:
+    """The spec a request's ``steering`` field asks for (empty for ``null`` / ``{}``)."""
+    if value is None or (isinstance(value, Mapping) and not value):
+        return SteeringSpec()
+    if isinstance(value, str):
+        value = {"name": value}
+    if not isinstance(value, Mapping):
+        raise SpecError(f"steering must be a spec dict, a name, or {{'name': ..., 'scale': ...}}; got {value!r:.80}")
+    if "name" in value:
+        spec = _named(value, store)
+    elif "layers" in value:
+        spec = SteeringSpec.from_dict(value)
+    else:
+        raise SpecError(
+            f"steering needs 'layers' (a spec dict) or 'name' (a stored spec or vector); got keys {sorted(value)}"
+        )
+    spec.validate_for(model.hidden_size, model.layer_count, model.dtype)
+    return spec
+
+
+def _named(reference: Mapping[str, Any], store: SpecStore) -> SteeringSpec:
+    unknown = sorted(set(reference) - set(NAMED_KEYS))
+    if unknown:
+        raise SpecError(f"steering by name takes {list(NAMED_KEYS)}; unknown keys {unknown}")
+    name, scale = reference["name"], reference.get("scale")
+    entry = store.find(name)
+    if entry.kind == SPEC:
+        fixed = [key for key in ("layer", "positions") if reference.get(key) is not None]
+        if fixed:
+            raise SpecError(f"spec {name!r} fixes its own layers and positions; {fixed} apply to library vectors")
+        spec = store.load_spec(entry)
+        return spec if scale is None else _with_add_scale(spec, scale, name)
+    vector, metadata = store.load_vector(entry)
+    layer = reference.get("layer", metadata.get("layer"))
+    if layer is None:
+        raise LayerIndexError(f"vector {name!r} has no layer in its metadata; give 'layer' with its name")
+    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+        raise LayerIndexError(f"steering layer must be a non-negative int, got {layer!r}")
+    add = AddSpec(vector, scale=1.0 if scale is None else scale, positions=reference.get("positions") or "all")
+    return SteeringSpec({layer: LayerSteeringSpec(add=add)})
+
+
+def _with_add_scale(spec: SteeringSpec, scale: Any, name: str) -> SteeringSpec:
+    """``spec`` with every add op's scale replaced by ``scale``."""
+    layers = {
+        index: replace(layer, add=AddSpec(layer.add.vector, scale=scale, positions=layer.add.positions))
+        for index, layer in spec.layers.items()
+        if layer.add is not None
+    }
+    if not layers:
+        raise SpecError(f"spec {name!r} has no add op for 'scale' to set (its ops keep their own parameters)")
+    return SteeringSpec({**spec.layers, **layers})
+
+
+def parse_capture_layers(value: Any, model: ModelShape) -> tuple[int, ...]:
+    """The sorted layers a request's ``capture_layers`` field names (none for ``null``)."""
+    if value is None:
+        return ()
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, list):
+        raise CaptureError(f"capture_layers must be a list of layer indices, got {value!r:.80}")
+    if not value:
+        raise CaptureError("capture_layers is empty; leave it out to capture nothing")
+    return tuple(sorted({check_layer_index(layer, model.layer_count) for layer in value}))
