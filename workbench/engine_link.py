@@ -44,6 +44,8 @@ class SteeredRun:
     request_id: str
     spec: SteeringSpec
     capture: wire.CaptureRequest | None = None
+    messages: tuple[tuple[int, int, int], ...] = ()
+    """The chat's message spans, when its spec targets roles or messages (``wire.RequestPayload.messages``)."""
     final: Any = None
     """vLLM's last ``RequestOutput`` of the request (``final.finished`` once it ended)."""
     nonfinite_layer: int | None = None
@@ -194,7 +196,9 @@ class EngineLink:
         steered = not run.spec.is_empty()
         slot = await self._slots.acquire(run.spec)
         try:
-            payload = wire.RequestPayload(slot=slot, tag=run.request_id if steered else None, capture=run.capture)
+            payload = wire.RequestPayload(
+                slot=slot, tag=run.request_id if steered else None, capture=run.capture, messages=run.messages
+            )
             request_params = params.clone()
             request_params.extra_args = payload.to_extra_args(params.extra_args)
             if run.capture is not None:

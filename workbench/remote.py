@@ -33,9 +33,21 @@ from workbench import errors
 from workbench.capture import CaptureHandle, MessageBoundary
 from workbench.capture_file import CaptureFile
 from workbench.engine_link import weak_callback
-from workbench.errors import CaptureError, EngineClosedError, EngineDeadError, HandleReleasedError, WorkbenchError
+from workbench.errors import (
+    CaptureError,
+    EngineClosedError,
+    EngineDeadError,
+    HandleReleasedError,
+    SpecError,
+    WorkbenchError,
+)
 from workbench.specs import SteeringSpec
 from workbench.steer_model import RequestResult, SteerModel
+
+ROLE_TARGETING_NOT_SERVED = (
+    "positions naming chat roles or messages are not served over HTTP yet (the server does not know a "
+    "request's message boundaries before it runs); use 'all', 'prompt' or 'generated'"
+)
 
 logger = logging.getLogger(__name__)
 
@@ -250,6 +262,8 @@ class RemoteSteerModel(SteerModel):
         layers: tuple[int, ...],
         boundaries: tuple[MessageBoundary, ...],
     ) -> RequestResult:
+        if spec.needs_messages:
+            raise SpecError(ROLE_TARGETING_NOT_SERVED)
         body: dict[str, Any] = {"model": self._served, "prompt": token_ids, "return_token_ids": True}
         body.update({key: value for key, value in params.items() if value is not None})
         if not spec.is_empty():

@@ -211,16 +211,19 @@ class SteerModel(abc.ABC):
         """
         params = self._resolve_sampling(sampling_params, sampling_kwargs)
         conversations, _ = split_conversations(messages)
+        specs = self._per_request_specs(steering_spec, len(conversations))
+        # Boundaries for captures (per-message rows) and for ops that target roles or messages.
+        with_boundaries = capture_layers is not None or any(spec.needs_messages for spec in specs)
         tokenizer = self.tokenizer
         formatted = [
-            format_conversation(tokenizer, conversation, chat_options, with_boundaries=capture_layers is not None)
+            format_conversation(tokenizer, conversation, chat_options, with_boundaries=with_boundaries)
             for conversation in conversations
         ]
         results = await self._run_prompts(
             [f.token_ids for f in formatted],
             params,
             capture_layers,
-            steering_spec,
+            specs,
             [f.boundaries for f in formatted],
         )
         if raw_output:
@@ -247,6 +250,11 @@ class SteerModel(abc.ABC):
         if layers and self._sample_count(params) != 1:
             raise CaptureError(f"capture needs SamplingParams.n == 1, got n={self._sample_count(params)}")
         specs = self._per_request_specs(steering_spec, len(token_ids))
+        if boundaries is None and any(spec.needs_messages for spec in specs):
+            raise SpecError(
+                "this steering targets chat roles or messages (positions='user', a message index, ...): "
+                "they exist in chat() requests, not in generate()"
+            )
         for i, ids in enumerate(token_ids):
             if len(ids) >= self.max_model_len:
                 raise PromptError(f"prompt {i} has {len(ids)} tokens; max_model_len is {self.max_model_len}")

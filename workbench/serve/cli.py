@@ -19,6 +19,7 @@ that load specs); run one server per replica behind a load balancer instead.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -116,13 +117,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     from workbench.logs import server_logging
 
     server_logging()  # before vLLM is imported: it reads its log level once
-    from workbench.config import prepare_engine_environment
+    from workbench.config import engine_environment
     from workbench.serve import _vllm_server as vs
     from workbench.serve.server import run_server
 
     args, options = parse_args(sys.argv[1:] if argv is None else argv)
     vs.prepare_logging(args)
-    prepare_engine_environment()
+    os.environ.update(engine_environment())
 
     # As vLLM's run_server: SIGTERM before uvicorn installs its own handlers interrupts the start.
     def interrupt(*_: object) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from workbench.errors import CaptureError, LayerIndexError, SpecError
+from workbench.remote import ROLE_TARGETING_NOT_SERVED
 from workbench.serve.spec_store import SPEC, SpecStore
 from workbench.specs import AddSpec, LayerSteeringSpec, SteeringSpec, check_layer_index
 
@@ -61,6 +62,8 @@ def parse_steering(value: Any, model: ModelShape, store: SpecStore) -> SteeringS
             f"steering needs 'layers' (a spec dict) or 'name' (a stored spec or vector); got keys {sorted(value)}"
         )
     spec.validate_for(model.hidden_size, model.layer_count, model.dtype)
+    if spec.needs_messages:
+        raise SpecError(ROLE_TARGETING_NOT_SERVED)
     return spec
 
 
