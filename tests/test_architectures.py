@@ -113,10 +113,8 @@ def specs(hf_model, token_ids: list[int], hidden: int) -> dict[str, SteeringSpec
     }
 
 
-def engine_config(folder: Path, **overrides) -> VLLMSteeringConfig:
-    return VLLMSteeringConfig(
-        model_name=str(folder), dtype="float32", max_model_len=256, max_steering_slots=8, **overrides
-    )
+def engine_config(folder: Path, dtype: str = "float32", **overrides) -> VLLMSteeringConfig:
+    return VLLMSteeringConfig(model_name=str(folder), dtype=dtype, max_model_len=256, max_steering_slots=8, **overrides)
 
 
 @pytest.mark.slow
@@ -203,13 +201,15 @@ async def test_half_precision_steers_as_hf_computing_in_float32(dtype, models, l
                 assert cosine >= min_cosine and error <= mean_error, (name, layer, cosine, error)
             rows = handle.hidden(1).float()
             norms = rows.norm(dim=-1)
-            if name == "cap":  # held to half a rounding step of the row, not several
+            # Held to one rounding step of the row, not several: half a step from casting the op's
+            # float32 result back once, half from summing the (hidden, residual) pair for the capture.
+            if name == "cap":
                 direction = spec.layers[1].projection_cap.vector
                 excess = ((rows @ direction).abs() - 0.5).clamp(min=0)
-                assert (excess <= epsilon / 2 * norms).all(), (excess / norms).max()
+                assert (excess <= epsilon * norms).all(), (excess / norms).max()
             if name == "ablation":
                 direction = spec.layers[1].ablation.vector
-                assert ((rows @ direction).abs() <= epsilon / 2 * norms).all()
+                assert ((rows @ direction).abs() <= epsilon * norms).all(), ((rows @ direction).abs() / norms).max()
     finally:
         del model
     await lifecycle.after_del("llama")
