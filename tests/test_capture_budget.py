@@ -1,4 +1,4 @@
-"""The capture budget on its own: reservations wait in order, shrink, and a capture larger than the budget is refused."""
+"""The capture budget alone: reservations wait in order and shrink; one larger than the budget is refused."""
 
 from __future__ import annotations
 

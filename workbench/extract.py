@@ -334,7 +334,9 @@ async def extract(
                     item.prompt, params, capture_layers=layer_tuple, steering_spec=spec, chat_options=chat_options
                 )
             else:
-                texts, handles = await model.generate(item.prompt, params, capture_layers=layer_tuple, steering_spec=spec)
+                texts, handles = await model.generate(
+                    item.prompt, params, capture_layers=layer_tuple, steering_spec=spec
+                )
             (handle,) = handles
             try:
                 await fetcher.fetch(handle)
@@ -374,4 +376,3 @@ def _take_block(prompt_id: int, handle: CaptureHandle, positions: str, nonfinite
         nonfinite_layer=nonfinite_layer,
         rows={layer: handle.hidden(layer)[start:end].clone() for layer in handle.layer_indices},
     )
-

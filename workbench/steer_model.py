@@ -117,6 +117,7 @@ class SteerModel(abc.ABC):
     def _check_capture_budget(self, token_ids: list[list[int]], params: Any, layers: tuple[int, ...]) -> None:
         """Raise ``CaptureBudgetError`` for a call whose captures can never fit
         the backend's capture budget (none by default)."""
+        return None
 
     # -- validation ----------------------------------------------------------
 
