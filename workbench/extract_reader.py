@@ -9,6 +9,7 @@ interrupted reads as the prompts finished so far.
 
 from __future__ import annotations
 
+import collections
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,9 @@ from torch import Tensor
 from workbench.capture import MessageBoundary
 from workbench.errors import CaptureIndexError, ExtractError
 from workbench.extract import FORMAT, INDEX_NAME, tensor_name
+
+OPEN_SHARDS = 16
+"""Shards kept open at once (each holds a file descriptor and a mapping)."""
 
 
 @dataclass(frozen=True)
@@ -75,7 +79,8 @@ class ActivationReader:
                     self._prompts[record["prompt_id"]] = _prompt(shard["name"], record)
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise ExtractError(f"{self.folder} is not a readable extraction ({error})") from error
-        self._shards: dict[str, Any] = {}
+        self._shards: collections.OrderedDict[str, Any] = collections.OrderedDict()
+        """Open shards, most recently used last (at most ``OPEN_SHARDS``)."""
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -160,6 +165,9 @@ class ActivationReader:
         handle = self._shards.get(name)
         if handle is None:
             handle = self._shards[name] = safe_open(str(self.folder / f"{name}.safetensors"), framework="pt")
+            while len(self._shards) > OPEN_SHARDS:
+                self._shards.popitem(last=False)
+        self._shards.move_to_end(name)
         return handle
 
     def rows(self, prompt_id: int, layer: int) -> Tensor:
