@@ -17,9 +17,10 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -28,6 +29,10 @@ from workbench.chat import ChatResponse, format_conversation, split_conversation
 from workbench.completion import Completion
 from workbench.errors import CaptureError, PromptError, SpecError, WorkbenchError
 from workbench.specs import AblationSpec, AddSpec, ProjectionCapSpec, SteeringSpec, check_layer_index
+
+if TYPE_CHECKING:
+    from workbench.extract import Positions
+    from workbench.extract_reader import ActivationReader
 
 Prompts = str | Sequence[int] | Sequence[str | Sequence[int]]
 Specs = SteeringSpec | Sequence[SteeringSpec | None] | None
@@ -298,9 +303,9 @@ class SteerModel(abc.ABC):
         self,
         prompts: Sequence[Any],
         layers: Sequence[int] | int,
-        out_dir: Any,
+        out_dir: str | os.PathLike[str],
         *,
-        positions: str = "all",
+        positions: Positions = "all",
         sampling_params: Any = None,
         steering_spec: Specs = None,
         chat_options: Mapping[str, Any] | None = None,
@@ -308,7 +313,7 @@ class SteerModel(abc.ABC):
         max_in_flight: int | None = None,
         progress: bool = True,
         overwrite: bool = False,
-    ) -> Any:
+    ) -> ActivationReader:
         """Capture ``layers`` for every prompt (text, token ids or a
         conversation) and stream the rows at ``positions`` (``"all"``,
         ``"prompt"``, ``"generated"``, ``"last"``) into sharded safetensors
@@ -329,7 +334,7 @@ class SteerModel(abc.ABC):
             prompts,
             layers,
             out_dir,
-            positions=positions,  # type: ignore[arg-type]
+            positions=positions,
             sampling_params=sampling_params,
             steering_spec=steering_spec,
             chat_options=chat_options,
