@@ -166,18 +166,26 @@ async def test_capturing_far_more_than_the_budget_waits_for_room_and_stays_withi
                 peak["waiting"] = max(peak["waiting"], budget.use().waiting)
                 await asyncio.sleep(0)
 
+        async def watch_worker() -> None:  # the worker's open capture files, the memory rows may take
+            while True:
+                stats = (await model.worker_stats())[0]
+                peak["files"] = max(peak.get("files", 0), stats["open_row_bytes"])
+                await asyncio.sleep(0.05)
+
         async def one_request(i: int) -> None:
             _, (handle,) = await model.generate(f"Count to {i}:", params, capture_layers=[2, 9])
             await handle.fetch()
             assert handle.hidden(9).shape[0] == handle.expected_rows
             handle.close()
 
-        watcher = asyncio.create_task(watch())
+        watchers = [asyncio.create_task(watch()), asyncio.create_task(watch_worker())]
         try:
             await asyncio.gather(*(one_request(i) for i in range(40)))  # ~13x the budget in total
         finally:
-            watcher.cancel()
+            for watcher in watchers:
+                watcher.cancel()
         assert 0 < peak["reserved"] <= budget.limit_bytes and peak["waiting"] > 0
+        assert 0 < peak["files"] <= budget.limit_bytes
         stats = (await model.worker_stats())[0]
         assert stats["capture_budget_bytes"] == 3 * one and stats["capture_reserved_bytes"] == 0
         assert stats["open_row_bytes"] == 0
