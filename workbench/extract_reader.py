@@ -68,7 +68,7 @@ class ActivationReader:
         try:
             index = json.loads(path.read_text())
             if index.get("format") != FORMAT:
-                raise ValueError(f"format {index.get('format')!r}")
+                raise ExtractError(f"{path} is not a workbench extraction index (format {index.get('format')!r})")
             self.settings: dict[str, Any] = index["settings"]
             self.prompt_count: int = len(index["prompt_keys"])
             shards = index["shards"]
