@@ -7,6 +7,7 @@ configuration's median relative to plain vLLM's.
 
     python bench/bench_steering.py --preset cpu            # embedded SmolLM2, this machine
     python bench/bench_steering.py --preset gpu            # Llama-3-8B shape, dummy bf16 weights
+    python bench/bench_steering.py --preset gpu --model gemma3-1b-shape   # another shape in bench/models/
 
 Results go to bench/results/<date>-<card>-<commit>-<mode>.json (the commit from
 ``git`` or ``$WORKBENCH_COMMIT``, for trees copied without their history).
@@ -27,6 +28,7 @@ import random
 import re
 import statistics
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -188,6 +190,16 @@ async def timed(run: Callable[[], Awaitable[int]]) -> float:
     return tokens / (time.perf_counter() - start)
 
 
+def with_model(preset: Preset, model: str) -> Preset:
+    """``preset`` on another model: a shape folder of bench/models/ (its config with
+    dummy weights and no tokenizer, as the GPU preset runs), or any name or path as is."""
+    shape = HERE / "models" / model
+    if not shape.is_dir():
+        return dataclasses.replace(preset, model=model)
+    kwargs = {**dict(preset.engine_kwargs), "skip_tokenizer_init": True}
+    return dataclasses.replace(preset, model=str(shape), load_format="dummy", engine_kwargs=tuple(kwargs.items()))
+
+
 async def main(args: argparse.Namespace) -> None:
     from vllm import AsyncEngineArgs, SamplingParams
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -200,6 +212,8 @@ async def main(args: argparse.Namespace) -> None:
     preset = PRESETS[args.preset]
     if args.rounds:
         preset = dataclasses.replace(preset, rounds=args.rounds)
+    if args.model:
+        preset = with_model(preset, args.model)
     enforce_eager = args.eager
     # Every configuration reruns the same prompts; with prefix caching the engine that
     # runs fewer configurations (plain vLLM) would keep its prompts cached and skip prefill.
@@ -291,6 +305,15 @@ async def main(args: argparse.Namespace) -> None:
         capture_phases.setdefault(len(capture), []).append(phases)
         return preset.output_tokens * len(batch)
 
+    async def run_extract(batch: list[list[int]], capture: list[int]) -> int:
+        """``model.extract`` of every row of ``capture`` into sharded files on disk, all requests in flight."""
+        with tempfile.TemporaryDirectory(prefix="bench-extract-") as folder:
+            reader = await model.extract(
+                batch, capture, folder, sampling_params=params, max_in_flight=len(batch), progress=False
+            )
+            assert reader.is_complete
+        return preset.output_tokens * len(batch)
+
     all_layers = list(range(layers))
     eight = all_layers[:: max(1, layers // 8)][:8]
     global_add = random_spec(all_layers, hidden, seed=1)
@@ -310,6 +333,8 @@ async def main(args: argparse.Namespace) -> None:
         "64 distinct per-request specs (cap + ablate, 8 layers)": lambda: run_steered(prompts, distinct64),
         "capture 1 layer (all tokens, rows verified)": lambda: run_steered(prompts, SteeringSpec(), [middle]),
         "capture 4 layers": lambda: run_steered(prompts, SteeringSpec(), eight[:4]),
+        f"capture all {layers} layers": lambda: run_steered(prompts, SteeringSpec(), all_layers),
+        f"extract all {layers} layers to disk": lambda: run_extract(prompts, all_layers),
         "batch-1 decode, plain": lambda: run_plain(prompts[:1]),
         **({"batch-1 decode, plain V1 runner": lambda: run_plain(prompts[:1], plain_v1)} if plain_v1 else {}),
         "batch-1 decode, add on all layers": lambda: run_steered(prompts[:1], global_add),
@@ -357,6 +382,7 @@ async def main(args: argparse.Namespace) -> None:
         "preset": args.preset,
         "workload": {
             "model": preset.model,
+            "load_format": preset.load_format,
             "dtype": preset.dtype,
             "requests": preset.requests,
             "prompt_tokens": preset.prompt_tokens,
@@ -380,6 +406,8 @@ async def main(args: argparse.Namespace) -> None:
         "ratio_to_plain": {name: round(medians[name] / reference[name], 3) for name in medians},
     }
     mode = "eager" if enforce_eager else "graphs"
+    if args.model:
+        mode += "-" + re.sub(r"[^a-z0-9]+", "-", Path(args.model).name.lower()).strip("-")
     out_dir = HERE / "results"
     out_dir.mkdir(exist_ok=True)
     slug = results["device"].replace(" ", "-").lower()
@@ -403,6 +431,9 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, help="override the preset's rounds (5 on the GPU)")
     parser.add_argument(
         "--only", help="run only configurations matching this regex (and the plain vLLM they are compared to)"
+    )
+    parser.add_argument(
+        "--model", help="another model: a shape folder of bench/models/ (dummy weights), or a name or path"
     )
     add_mode_arguments(parser)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

@@ -7,7 +7,9 @@ import workbench
 EXPECTED = {
     "DEFAULT_MODEL_NAME",
     "AblationSpec",
+    "ActivationReader",
     "AddSpec",
+    "CaptureBudgetError",
     "CaptureError",
     "CaptureHandle",
     "CaptureIndexError",
@@ -24,6 +26,8 @@ EXPECTED = {
     "EngineDeadError",
     "EngineStartError",
     "EngineTimeoutError",
+    "ExtractError",
+    "ExtractedPrompt",
     "HandleReleasedError",
     "HiddenSizeError",
     "LayerIndexError",

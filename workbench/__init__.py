@@ -21,6 +21,7 @@ from workbench.completion import Completion  # noqa: E402
 from workbench.config import VLLMSteeringConfig  # noqa: E402
 from workbench.embedded import DEFAULT_MODEL_NAME  # noqa: E402
 from workbench.errors import (  # noqa: E402
+    CaptureBudgetError,
     CaptureError,
     CaptureIndexError,
     CaptureLimitError,
@@ -34,6 +35,7 @@ from workbench.errors import (  # noqa: E402
     EngineDeadError,
     EngineStartError,
     EngineTimeoutError,
+    ExtractError,
     HandleReleasedError,
     HiddenSizeError,
     LayerIndexError,
@@ -46,6 +48,7 @@ from workbench.errors import (  # noqa: E402
     WorkbenchError,
     WorkerTimeoutError,
 )
+from workbench.extract_reader import ActivationReader, ExtractedPrompt  # noqa: E402
 from workbench.specs import AblationSpec, AddSpec, LayerSteeringSpec, ProjectionCapSpec, SteeringSpec  # noqa: E402
 
 
@@ -65,7 +68,9 @@ def __getattr__(name: str) -> object:
 __all__ = [
     "DEFAULT_MODEL_NAME",
     "AblationSpec",
+    "ActivationReader",
     "AddSpec",
+    "CaptureBudgetError",
     "CaptureError",
     "CaptureHandle",
     "CaptureIndexError",
@@ -82,6 +87,8 @@ __all__ = [
     "EngineDeadError",
     "EngineStartError",
     "EngineTimeoutError",
+    "ExtractError",
+    "ExtractedPrompt",
     "HandleReleasedError",
     "HiddenSizeError",
     "LayerIndexError",

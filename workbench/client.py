@@ -26,6 +26,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 
 from workbench import errors, wire
 from workbench.capture import CaptureHandle, MessageBoundary
+from workbench.capture_budget import BudgetUse, CaptureBudget
 from workbench.config import VLLMSteeringConfig, engine_args, engine_environment, is_cpu_platform
 from workbench.engine_link import EngineLink, SteeredRun, weak_callback
 from workbench.errors import (
@@ -76,6 +77,8 @@ class VLLMSteerModel(SteerModel):
         if enforce_eager is None:
             enforce_eager = is_cpu_platform()
         self.enforce_eager = enforce_eager
+        if cfg.capture_budget_bytes is not None:
+            CaptureBudget(cfg.capture_budget_bytes)  # refuse a bad budget before the engine starts
         args = engine_args(cfg, enforce_eager, **engine_kwargs)
         self._model_path = args.model
         self._output = EngineOutput(cfg.log_file)
@@ -95,6 +98,7 @@ class VLLMSteerModel(SteerModel):
             rpc_timeout_s=lambda: cfg.rpc_timeout_s,
             failure_reason=self._output.failure_reason,
             restart_hint="start a new VLLMSteerModel, or call workbench.notebook.get_engine() to restart it",
+            capture_budget="auto" if cfg.capture_budget_bytes is None else cfg.capture_budget_bytes,
         )
         if bootstrap_layers is not None:
             for layer in bootstrap_layers:
@@ -201,6 +205,31 @@ class VLLMSteerModel(SteerModel):
             )
             handle._attach(self, weak_callback(self._link, "release_soon"))
         return RequestResult(final.outputs[0].text, final, handle, run.nonfinite_layer)
+
+    def _check_capture_budget(self, token_ids: list[list[int]], params: Any, layers: tuple[int, ...]) -> None:
+        """A call's requests each wait for room in the capture budget, but its
+        handles come back only once all have finished: a call whose captures
+        together may need more than the budget could wait forever, so it is
+        refused, as is a request that alone needs more."""
+        budget = self._link.budget
+        if budget is None:
+            return
+        sizes = [
+            self._link.capture_bytes(self._link.capture_request(layers, len(ids), params.max_tokens))
+            for ids in token_ids
+        ]
+        largest = max(range(len(sizes)), key=sizes.__getitem__)
+        budget.check(sizes[largest], f"the capture of prompt {largest} ({len(token_ids[largest])} tokens)")
+        budget.check(sum(sizes), f"this call's {len(sizes)} captures together")
+
+    @property
+    def capture_budget(self) -> BudgetUse:
+        """The capture budget: its limit, the bytes reserved by captures
+        running or not fetched yet, and the requests waiting for room."""
+        budget = self._link.budget
+        if budget is None:
+            raise CaptureError("this engine's captures have no budget")
+        return budget.use()
 
     # -- captures ------------------------------------------------------------
 

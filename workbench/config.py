@@ -56,6 +56,12 @@ class VLLMSteeringConfig:
     layers_path: str | None = None
     """Dotted path of the decoder layers' ModuleList in vLLM's model (e.g. ``model.layers``);
     by default the outermost ModuleList holding the config's number of layers."""
+    capture_budget_bytes: int | None = None
+    """Host memory that captured rows not yet fetched may hold: capturing
+    requests wait for room before they start (rows are reserved at prompt +
+    ``max_tokens`` per layer, the request's real rows once it finished, until
+    fetched or released), and one that alone needs more raises
+    ``CaptureBudgetError``. None: half the free shared memory when the engine starts."""
     log_file: str | None = None
     """Where the engine processes' output goes (default: this process's stderr).
     vLLM logs at WARNING unless ``WORKBENCH_LOG_LEVEL`` or ``VLLM_LOGGING_LEVEL`` says otherwise."""

@@ -25,6 +25,7 @@ from typing import Any
 from torch import Tensor
 
 from workbench import transfer, wire
+from workbench.capture_budget import CaptureBudget, default_budget_bytes
 from workbench.errors import EngineDeadError, WorkerTimeoutError
 from workbench.slots import SlotTable
 from workbench.specs import SteeringSpec
@@ -74,6 +75,10 @@ class EngineLink:
             ``VLLMSteeringConfig`` may change it while the engine runs).
         failure_reason: the engine's own last words when it dies (or None).
         restart_hint: what the user should do once the engine is dead.
+        capture_budget: bytes that captured rows not yet fetched may hold;
+            capturing requests wait for room before they are submitted
+            (``workbench.capture_budget``). ``"auto"``: a share of the free
+            shared memory at start (``default_budget_bytes``); None: no budget.
     """
 
     def __init__(
@@ -84,6 +89,7 @@ class EngineLink:
         rpc_timeout_s: Callable[[], float],
         failure_reason: Callable[[], str | None] = lambda: None,
         restart_hint: str = "start a new engine",
+        capture_budget: int | str | None = None,
     ) -> None:
         self.engine = engine
         model_config = engine.model_config
@@ -94,6 +100,7 @@ class EngineLink:
         self._rpc_timeout_s = rpc_timeout_s
         self._failure_reason = failure_reason
         self._restart_hint = restart_hint
+        self._row_bytes = self.hidden_size * self.dtype.itemsize
         self._prefix_caching = bool(engine.vllm_config.cache_config.enable_prefix_caching)
         self._slots = SlotTable(num_slots, self._load_slot)
         self._setup_done = False
@@ -107,6 +114,10 @@ class EngineLink:
         self._handoff = wire.make_handoff_folder()
         self.handoff_folder: str | None = self._handoff.name
         """Where workers write capture files (if they cannot see it, rows come inline in the fetch reply)."""
+        if capture_budget == "auto":
+            capture_budget = default_budget_bytes(self._handoff.name)
+        self.budget: CaptureBudget | None = None if capture_budget is None else CaptureBudget(capture_budget)
+        """Reservations of captured rows not yet fetched (None: unbounded)."""
         self._closed = False
 
     # -- lifecycle ---------------------------------------------------------
@@ -172,6 +183,10 @@ class EngineLink:
             capacity = min(prompt_tokens + (max_tokens or limit), limit) - 1
         return wire.CaptureRequest(uuid.uuid4().hex, layers, capacity, self.handoff_folder)
 
+    def capture_bytes(self, capture: wire.CaptureRequest, rows: int | None = None) -> int:
+        """Bytes of host memory the rows of ``capture`` may take (``rows`` per layer; default its capacity)."""
+        return (capture.capacity if rows is None else rows) * len(capture.layers) * self._row_bytes
+
     async def stream(
         self,
         prompt: dict[str, Any],
@@ -194,7 +209,14 @@ class EngineLink:
         """
         generate = generate or self.engine.generate
         steered = not run.spec.is_empty()
-        slot = await self._slots.acquire(run.spec)
+        if run.capture is not None and self.budget is not None:
+            await self.budget.reserve(run.capture.capture_id, self.capture_bytes(run.capture))
+        try:
+            slot = await self._slots.acquire(run.spec)
+        except BaseException:
+            if run.capture is not None and self.budget is not None:
+                self.budget.release(run.capture.capture_id)
+            raise
         try:
             payload = wire.RequestPayload(
                 slot=slot, tag=run.request_id if steered else None, capture=run.capture, messages=run.messages
@@ -217,9 +239,14 @@ class EngineLink:
                             run.nonfinite_layer,
                         )
                 run.final = output
+                if output.finished and run.capture is not None and self.budget is not None:
+                    rows = len(output.prompt_token_ids or ()) + max(len(output.outputs[0].token_ids) - 1, 0)
+                    self.budget.shrink(run.capture.capture_id, self.capture_bytes(run.capture, rows))
                 yield output
         except BaseException:
             if run.capture is not None and not run.finished:
+                if self.budget is not None:
+                    self.budget.release(run.capture.capture_id)
                 self.release_soon(run.capture.capture_id)
             raise
         finally:
@@ -285,7 +312,12 @@ class EngineLink:
         """The captured rows of these captures, in one worker call; the workers
         let go of them. A capture the workers do not know is absent from the rows."""
         await self.ensure_ready()
-        replies = await self.rpc(wire.Rpc.FETCH_CAPTURES, list(capture_ids))
+        try:
+            replies = await self.rpc(wire.Rpc.FETCH_CAPTURES, list(capture_ids))
+        finally:
+            if self.budget is not None:  # the rows are the caller's now (or gone with the engine)
+                for capture_id in capture_ids:
+                    self.budget.release(capture_id)
         rows: dict[str, dict[int, Tensor]] = {capture_id: {} for capture_id in capture_ids}
         errors: dict[str, str] = {}
         recycle = weak_callback(self, "_recycle_soon", _delete_file)
@@ -317,6 +349,8 @@ class EngineLink:
         return True
 
     def _queue_item(self, method: str, item: str) -> None:
+        if method == wire.Rpc.RELEASE_CAPTURES and self.budget is not None:
+            self.budget.release(item)
         pending = self._pending_items.setdefault(method, {})
         if not pending:
             self._track(asyncio.ensure_future(self._flush_items(method)))
@@ -333,9 +367,21 @@ class EngineLink:
 
     async def worker_stats(self) -> list[dict[str, int]]:
         """Per-worker counts of captures held (for leak checks), after the
-        workers' queued capture work (writes, releases) has finished."""
+        workers' queued capture work (writes, releases) has finished, and
+        the bytes of their row files; with a capture budget, every entry also
+        carries this link's ``capture_budget_bytes``, ``capture_reserved_bytes``
+        and ``capture_waiting`` (requests waiting for room)."""
         await self.ensure_ready()
-        return await self.rpc(wire.Rpc.STATS)
+        stats = await self.rpc(wire.Rpc.STATS)
+        if self.budget is not None:
+            use = self.budget.use()
+            budget = {
+                "capture_budget_bytes": use.limit_bytes,
+                "capture_reserved_bytes": use.used_bytes,
+                "capture_waiting": use.waiting,
+            }
+            stats = [{**entry, **budget} for entry in stats]
+        return stats
 
     def loaded_specs(self) -> dict[int, str | None]:
         """Slot -> fingerprint of the spec it holds (for diagnostics and tests)."""

@@ -12,8 +12,10 @@
     │   ├── CaptureIndexError (ValueError, IndexError)  a message or layer not in the capture
     │   ├── CapturePendingError             a server capture fetched while its request still runs
     │   ├── CaptureLimitError               a server holds all the unfetched captures its memory limit allows
+    │   ├── CaptureBudgetError (ValueError) a capture larger than the whole capture budget
     │   └── RowSpaceError (OSError)         the worker cannot store captured rows
     ├── ChatError (ValueError)              a conversation cannot be formatted
+    ├── ExtractError (ValueError)           an extraction folder holds another extraction, or is damaged
     ├── PromptError (ValueError, TypeError) a prompt is empty, too long or not text/token ids
     ├── EngineClosedError (RuntimeError)    the model was used after close()
     ├── EngineDeadError (RuntimeError)      the engine's processes died
@@ -81,12 +83,22 @@ class CaptureLimitError(CaptureError):
     fetch or delete some (or let them expire) and ask again."""
 
 
+class CaptureBudgetError(CaptureError, ValueError):
+    """A request's capture could need more bytes than the whole capture budget
+    (``VLLMSteeringConfig.capture_budget_bytes``), so it could never run; or the budget itself is invalid."""
+
+
 class RowSpaceError(CaptureError, OSError):
     """The worker could not map capture rows (address space or shared memory exhausted)."""
 
 
 class ChatError(WorkbenchError, ValueError):
     """A conversation cannot be formatted into a prompt."""
+
+
+class ExtractError(WorkbenchError, ValueError):
+    """An extraction folder holds an extraction of other prompts or settings,
+    or its index or shards are missing or malformed."""
 
 
 class PromptError(WorkbenchError, ValueError, TypeError):

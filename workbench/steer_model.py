@@ -17,9 +17,10 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -28,6 +29,10 @@ from workbench.chat import ChatResponse, format_conversation, split_conversation
 from workbench.completion import Completion
 from workbench.errors import CaptureError, PromptError, SpecError, WorkbenchError
 from workbench.specs import AblationSpec, AddSpec, ProjectionCapSpec, SteeringSpec, check_layer_index
+
+if TYPE_CHECKING:
+    from workbench.extract import Positions
+    from workbench.extract_reader import ActivationReader
 
 Prompts = str | Sequence[int] | Sequence[str | Sequence[int]]
 Specs = SteeringSpec | Sequence[SteeringSpec | None] | None
@@ -113,6 +118,11 @@ class SteerModel(abc.ABC):
     @abc.abstractmethod
     async def fetch_captures_batch(self, handles: Sequence[CaptureHandle]) -> None:
         """Fetch the captured rows of these handles (one round trip where the backend allows)."""
+
+    def _check_capture_budget(self, token_ids: list[list[int]], params: Any, layers: tuple[int, ...]) -> None:
+        """Raise ``CaptureBudgetError`` for a call whose captures can never fit
+        the backend's capture budget (none by default)."""
+        return None
 
     # -- validation ----------------------------------------------------------
 
@@ -259,6 +269,8 @@ class SteerModel(abc.ABC):
             if len(ids) >= self.max_model_len:
                 raise PromptError(f"prompt {i} has {len(ids)} tokens; max_model_len is {self.max_model_len}")
         boundaries = boundaries or [()] * len(token_ids)
+        if layers:
+            self._check_capture_budget(token_ids, params, layers)
         return list(
             await asyncio.gather(
                 *(
@@ -286,6 +298,51 @@ class SteerModel(abc.ABC):
 
         self._check_layer(layer)
         return await run_sweep(self, prompt, layer, vector, scales, sampling_params, **options)
+
+    async def extract(
+        self,
+        prompts: Sequence[Any],
+        layers: Sequence[int] | int,
+        out_dir: str | os.PathLike[str],
+        *,
+        positions: Positions = "all",
+        sampling_params: Any = None,
+        steering_spec: Specs = None,
+        chat_options: Mapping[str, Any] | None = None,
+        shard_bytes: int | None = None,
+        max_in_flight: int | None = None,
+        progress: bool = True,
+        overwrite: bool = False,
+    ) -> ActivationReader:
+        """Capture ``layers`` for every prompt (text, token ids or a
+        conversation) and stream the rows at ``positions`` (``"all"``,
+        ``"prompt"``, ``"generated"``, ``"last"``) into sharded safetensors
+        files in ``out_dir``, with a JSON index; returns its
+        ``ActivationReader``.
+
+        Sampling defaults to greedy with 16 tokens. At most ``max_in_flight``
+        requests (default 64) run or wait to be fetched at once; a shard is
+        written once it holds ``shard_bytes`` (default 256 MiB) of rows. Run
+        again on the same folder with the same prompts and settings to
+        resume: finished shards are kept, the other prompts redone; other
+        prompts or settings raise ``ExtractError`` unless ``overwrite``.
+        """
+        from workbench.extract import DEFAULT_MAX_IN_FLIGHT, DEFAULT_SHARD_BYTES, extract
+
+        return await extract(
+            self,
+            prompts,
+            layers,
+            out_dir,
+            positions=positions,
+            sampling_params=sampling_params,
+            steering_spec=steering_spec,
+            chat_options=chat_options,
+            shard_bytes=DEFAULT_SHARD_BYTES if shard_bytes is None else shard_bytes,
+            max_in_flight=DEFAULT_MAX_IN_FLIGHT if max_in_flight is None else max_in_flight,
+            progress=progress,
+            overwrite=overwrite,
+        )
 
     # -- steering state --------------------------------------------------------
 

@@ -132,6 +132,8 @@ class RowSpace:
         """Windows are opened on the model's thread and may be closed on a helper thread."""
         self._open_bytes = 0
         """What the open windows' files may still allocate (an upper bound)."""
+        self.open_file_bytes = 0
+        """Sizes of the open windows' files (what their rows may take at most)."""
 
     def open(self, path: Path, capacity: int, reuse: Path | None = None) -> Window:
         """Create ``path`` sized for ``capacity`` rows and map it into the range.
@@ -167,6 +169,7 @@ class RowSpace:
             os.close(fd)
         with self._lock:
             self._open_bytes += growth
+            self.open_file_bytes += size
         return Window(path, start * self.rows_per_unit, capacity, units, growth)
 
     def _check_free(self, folder: Path, growth: int) -> None:
@@ -188,6 +191,7 @@ class RowSpace:
         with self._lock:
             self._free.give(start, window.units)
             self._open_bytes -= window.growth
+            self.open_file_bytes -= window.capacity * self.row_bytes
         if unlink:
             window.path.unlink(missing_ok=True)
 

@@ -90,6 +90,11 @@ class FilePool:
             dropped.append(old)
         return dropped
 
+    @property
+    def bytes(self) -> int:
+        """Shared memory the kept files hold."""
+        return self._bytes
+
     def take(self, folder: Path) -> Path | None:
         files = self._files.get(folder)
         if not files:
@@ -423,12 +428,16 @@ class CaptureStore:
 
     def stats(self) -> dict[str, int]:
         """Counts of captures held, once the helper threads have finished
-        what was queued (writes, and unmapping handed-over files)."""
+        what was queued (writes, and unmapping handed-over files), and
+        bytes: of the open capture files (``open_row_bytes``, their full
+        sizes) and of the files kept for reuse (``recycled_bytes``)."""
         self._lanes.drain()
         return {
             "captures": len(self._records) + len(self._failed),
             "released": len(self._released),
             "recycled_files": len(self._pool),
+            "open_row_bytes": self._space.open_file_bytes if self._space is not None else 0,
+            "recycled_bytes": self._pool.bytes,
         }
 
 
