@@ -58,6 +58,8 @@ ENGINE_POLL_S = 0.5
 
 Prompts = str | Sequence[int] | Sequence[str | Sequence[int]]
 Specs = SteeringSpec | Sequence[SteeringSpec | None] | None
+TextCallback = Callable[[int, str], None]
+"""``on_text(index, text)``: prompt ``index`` has generated ``text`` so far."""
 
 
 class VLLMSteerModel:
@@ -234,6 +236,7 @@ class VLLMSteerModel:
         capture_layers: Sequence[int] | int | None = None,
         steering_spec: Specs = None,
         raw_output: bool = False,
+        on_text: TextCallback | None = None,
         **sampling_kwargs: Any,
     ) -> list[Any] | tuple[list[Any], list[CaptureHandle]]:
         """Generate one completion per prompt (a string or a list of token ids).
@@ -245,10 +248,15 @@ class VLLMSteerModel:
         ``Completion``s (strings; vLLM ``RequestOutput``s with
         ``raw_output=True``), or ``(texts, handles)`` when ``capture_layers``
         is given.
+
+        ``on_text(index, text)`` streams: it is called on the event loop after
+        each engine step that advanced prompt ``index``, with its text so far
+        (keep it quick; what it raises fails the call). Cancelling the task
+        awaiting ``generate`` aborts its requests in the engine.
         """
         params = resolve_sampling(sampling_params, sampling_kwargs)
         token_ids = self._tokenize_prompts(prompts)
-        outputs = await self._generate_tokens(token_ids, params, capture_layers, steering_spec)
+        outputs = await self._generate_tokens(token_ids, params, capture_layers, steering_spec, on_text=on_text)
         texts = [output if raw_output else Completion(output.outputs[0].text, broken) for output, _, broken in outputs]
         if capture_layers is None:
             return texts
@@ -263,13 +271,15 @@ class VLLMSteerModel:
         steering_spec: Specs = None,
         raw_output: bool = False,
         chat_options: Mapping[str, Any] | None = None,
+        on_text: TextCallback | None = None,
         **sampling_kwargs: Any,
     ) -> list[Any] | tuple[list[Any], list[CaptureHandle]]:
         """Reply to one conversation (a list of ``{"role", "content"}`` dicts) or a batch of them.
 
         Takes what ``generate`` takes, plus ``chat_options`` for the chat
         template (``add_generation_prompt``, ``continue_final_message`` for an
-        assistant prefill, ``chat_template``, ...). Returns ``ChatResponse``s
+        assistant prefill, ``chat_template``, ...); ``on_text`` streams the
+        generated text (without the prefill) as in ``generate``. Returns ``ChatResponse``s
         (vLLM ``RequestOutput``s with ``raw_output=True``), or ``(responses,
         handles)`` with ``capture_layers``; handles carry ``message_boundaries``.
         """
@@ -286,6 +296,7 @@ class VLLMSteerModel:
             capture_layers,
             steering_spec,
             [f.boundaries for f in formatted],
+            on_text=on_text,
         )
         if raw_output:
             responses: list[Any] = [output for output, _, _ in outputs]
@@ -321,6 +332,7 @@ class VLLMSteerModel:
         capture_layers: Sequence[int] | int | None,
         steering_spec: Specs,
         boundaries: Sequence[tuple[MessageBoundary, ...]] | None = None,
+        on_text: TextCallback | None = None,
     ) -> list[tuple[Any, CaptureHandle | None, int | None]]:
         """Run tokenised prompts; returns vLLM ``RequestOutput``s with their
         capture handles and the layer where steering broke the stream, if it did."""
@@ -337,8 +349,8 @@ class VLLMSteerModel:
         return list(
             await asyncio.gather(
                 *(
-                    self._run_request(ids, params, spec, layers, bounds)
-                    for ids, spec, bounds in zip(token_ids, specs, boundaries)
+                    self._run_request(ids, params, spec, layers, bounds, _text_of(on_text, index))
+                    for index, (ids, spec, bounds) in enumerate(zip(token_ids, specs, boundaries))
                 )
             )
         )
@@ -359,6 +371,7 @@ class VLLMSteerModel:
         spec: SteeringSpec,
         layers: tuple[int, ...],
         boundaries: tuple[MessageBoundary, ...] = (),
+        on_text: Callable[[str], None] | None = None,
     ) -> tuple[Any, CaptureHandle | None, int | None]:
         capture_id = uuid.uuid4().hex if layers else None
         request_id = f"wb-{uuid.uuid4().hex}"
@@ -382,6 +395,8 @@ class VLLMSteerModel:
             final = None
             async for output in self._engine.generate(prompt, request_params, request_id):
                 final = output
+                if on_text is not None:
+                    on_text(output.outputs[0].text)
         except BaseException:
             if capture_id is not None:
                 self._release_soon(capture_id)
@@ -696,6 +711,13 @@ def resolve_sampling(sampling_params: Any, sampling_kwargs: Mapping[str, Any], *
     if not isinstance(sampling_params, SamplingParams):
         raise TypeError(f"sampling_params must be a vllm.SamplingParams, got {type(sampling_params).__name__}")
     return sampling_params
+
+
+def _text_of(on_text: TextCallback | None, index: int) -> Callable[[str], None] | None:
+    """``on_text`` bound to one prompt's index."""
+    if on_text is None:
+        return None
+    return lambda text: on_text(index, text)
 
 
 def _weak_callback(
