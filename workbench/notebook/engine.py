@@ -5,7 +5,9 @@ runs its coroutines there.
 Asking again with another config raises ``EngineConfigError`` naming the
 difference; pass ``restart=True`` to replace the engine. An engine whose
 processes died is noticed on the next ``get_engine()`` and restarted, with a
-message.
+message. Unless the config names a ``log_file``, the engine processes'
+output goes to this kernel's log file under the workbench folder
+(``home.engine_log_path()``), so cells show one progress line, not vLLM's log.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any, TypeVar
 from workbench.client import VLLMSteeringConfig, VLLMSteerModel
 from workbench.errors import EngineConfigError
 from workbench.notebook.bridge import DEFAULT_TIMEOUT_S, LoopThread
+from workbench.notebook.home import engine_log_path
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +34,7 @@ def _elapsed(description: str) -> Iterator[None]:
     """A progress line with elapsed time while something of unknown length runs."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=None, desc=description, bar_format="{desc}: {elapsed}")
+    bar = tqdm(total=None, desc=description, bar_format="{desc} {elapsed}")
     stop = threading.Event()
 
     def tick() -> None:
@@ -60,7 +63,7 @@ class NotebookEngine:
             # Built on the loop thread so vLLM's AsyncLLM binds to that loop.
             return VLLMSteerModel(config, **engine_kwargs)
 
-        with _elapsed(f"starting the engine ({config.model_name})"):
+        with _elapsed(f"starting the engine ({config.model_name}); its log: {config.log_file}; elapsed"):
             self.model: VLLMSteerModel = self.bridge.run(start(), timeout=None)
 
     @property
@@ -96,9 +99,17 @@ def _differences(a: VLLMSteeringConfig, b: VLLMSteeringConfig) -> list[str]:
     ]
 
 
+def _with_log_file(config: VLLMSteeringConfig) -> VLLMSteeringConfig:
+    if config.log_file is not None:
+        return config
+    return dataclasses.replace(config, log_file=str(engine_log_path()))
+
+
 def get_engine(config: VLLMSteeringConfig | None = None, restart: bool = False, **engine_kwargs: Any) -> NotebookEngine:
-    """The kernel's engine, started on first use (this takes a while; vLLM logs its progress)."""
+    """The kernel's engine, started on first use (this takes a while; a progress line shows the time)."""
     global _current
+    if config is not None:
+        config = _with_log_file(config)
     with _lock:
         if _current is not None and not restart:
             if _current.is_alive:
@@ -116,7 +127,7 @@ def get_engine(config: VLLMSteeringConfig | None = None, restart: bool = False, 
         if _current is not None:
             _current.close()
             _current = None
-        _current = NotebookEngine(config or VLLMSteeringConfig(), engine_kwargs)
+        _current = NotebookEngine(config or _with_log_file(VLLMSteeringConfig()), engine_kwargs)
         return _current
 
 
