@@ -122,7 +122,6 @@ def test_sweep_states_its_prompt_and_explains_missing_projections():
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory, monkeypatch_module):
     monkeypatch_module.setenv("WORKBENCH_HOME", str(tmp_path_factory.mktemp("home")))
-    monkeypatch_module.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
     engine = get_engine(VLLMSteeringConfig(**{**ENGINE_SETTINGS, "max_steering_slots": 4}))
     bench = Workbench(engine, plot_layer=6)
     bench.norms_future.result(120)
@@ -137,13 +136,16 @@ def monkeypatch_module():
 
 
 @pytest.mark.slow
-def test_typical_norms_are_measured_once_and_cached(bench):
+def test_typical_norms_are_measured_once_and_cached(bench, tmp_path):
     model = bench.engine.model
     norms = bench.steering.typical
     assert len(norms.medians) == model.layer_count and all(m > 0 for m in norms.medians)
     assert cache_path(model.model_name, "float32").exists()
     assert bench.engine.run(typical_norms(model)) == norms  # read back, not measured again
     assert "typical residual norms" in bench.norms_line.value
+    fresh = bench.engine.run(typical_norms(model, refresh=True, folder=tmp_path))
+    assert cache_path(model.model_name, "float32", tmp_path).exists()
+    assert fresh.medians == pytest.approx(norms.medians, rel=1e-4) and fresh.tokens == norms.tokens
 
 
 @pytest.mark.slow

@@ -7,16 +7,20 @@ difference; pass ``restart=True`` to replace the engine. An engine whose
 processes died is noticed on the next ``get_engine()`` and restarted, with a
 message. Unless the config names a ``log_file``, the engine processes'
 output goes to this kernel's log file under the workbench folder
-(``home.engine_log_path()``), so cells show one progress line, not vLLM's log.
+(``home.engine_log_path()``), and so does what vLLM logs in the kernel's own
+process: cells show one progress line, not vLLM's log.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
+import os
 import threading
 from collections.abc import Coroutine, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 from workbench.client import VLLMSteeringConfig, VLLMSteerModel
@@ -51,6 +55,32 @@ def _elapsed(description: str) -> Iterator[None]:
         bar.close()
 
 
+LOGGING_CONFIG_ENV = "VLLM_LOGGING_CONFIG_PATH"
+"""vLLM's own setting: a ``logging.config.dictConfig`` JSON file its processes apply."""
+
+
+def _vllm_logs_to(path: str) -> None:
+    """Have vLLM log into ``path`` in this process and in the engine's (unless
+    the user configured vLLM's logging): through vLLM's documented logging
+    config file, which every process applies when vLLM sets up its logging."""
+    if os.environ.get(LOGGING_CONFIG_ENV) or os.environ.get("VLLM_CONFIGURE_LOGGING") == "0":
+        return
+    level = os.environ.get("VLLM_LOGGING_LEVEL", "WARNING").upper()
+    config = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {
+            "plain": {"format": "(%(processName)s pid=%(process)d) %(levelname)s %(asctime)s %(name)s: %(message)s"}
+        },
+        "handlers": {"file": {"class": "logging.FileHandler", "filename": path, "formatter": "plain", "level": level}},
+        "loggers": {"vllm": {"handlers": ["file"], "level": level, "propagate": False}},
+    }
+    config_path = Path(path).with_suffix(".logging.json")
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    config_path.write_text(json.dumps(config, indent=1))
+    os.environ[LOGGING_CONFIG_ENV] = str(config_path)
+
+
 class NotebookEngine:
     """The shared model plus the loop thread it runs on."""
 
@@ -63,6 +93,8 @@ class NotebookEngine:
             # Built on the loop thread so vLLM's AsyncLLM binds to that loop.
             return VLLMSteerModel(config, **engine_kwargs)
 
+        if config.log_file is not None:
+            _vllm_logs_to(config.log_file)
         with _elapsed(f"starting the engine ({config.model_name}); its log: {config.log_file}; elapsed"):
             self.model: VLLMSteerModel = self.bridge.run(start(), timeout=None)
 
