@@ -88,6 +88,7 @@ class ActivationsPanel:
             ],
             layout={"width": "100%"},
         )
+        self.widget.add_class("wb-activations")
 
     def figures(self) -> dict[str, go.FigureWidget]:
         return {

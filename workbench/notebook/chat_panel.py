@@ -66,6 +66,8 @@ class ChatPanel:
         """Called after New chat."""
         self.system = w.Textarea(value="You are a helpful assistant.", description="system", layout={"width": "98%"})
         self.columns = {label: w.HTML(layout={"min_width": "0"}) for label in (BASELINE, STEERED)}
+        for label, column in self.columns.items():
+            column.add_class(f"wb-column-{label}")
         self.transcript = w.GridBox(
             list(self.columns.values()),
             layout={"grid_template_columns": "repeat(2, minmax(0, 1fr))", "grid_gap": "12px", "width": "100%"},
@@ -108,6 +110,7 @@ class ChatPanel:
             ],
             layout={"width": "100%"},
         )
+        self.widget.add_class("wb-chat")
         self._render()
 
     # -- state -------------------------------------------------------------

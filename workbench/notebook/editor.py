@@ -332,6 +332,7 @@ class SteeringPanel:
             ],
             layout={"width": "100%"},
         )
+        self.widget.add_class("wb-editor")
         self.changed()
 
     # -- units -------------------------------------------------------------
@@ -500,7 +501,7 @@ class SteeringPanel:
                 return
             self.applied_rows, self._applied_snapshot = states, snapshot
             self.spec_text.value = describe_rows(states, self.typical)
-            self.status.report(None, "applied")
+            self.status.show("")
             self.changed()
 
         self.undo_button.disabled = True

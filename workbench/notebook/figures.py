@@ -24,8 +24,8 @@ LAYOUT: dict[str, Any] = {
     "template": "plotly_white",
     "autosize": True,
     "height": 380,
-    "margin": {"l": 60, "r": 20, "t": 70, "b": 50},
-    "legend": {"orientation": "h", "x": 0, "y": 1.0, "yanchor": "bottom"},
+    "margin": {"l": 60, "r": 20, "t": 95, "b": 50},
+    "legend": {"orientation": "h", "x": 0, "y": 1.01, "yanchor": "bottom"},
 }
 """No fixed width: a figure takes its column's width."""
 
@@ -41,7 +41,7 @@ def _title(text: str, include_first_token: bool | None = None, note: str = "") -
     if include_first_token is False:
         notes.append("first token left out")
     small = f"<br><span style='font-size:12px;color:#555'>{html.escape('; '.join(notes))}</span>" if notes else ""
-    return {"text": html.escape(text) + small, "x": 0, "xanchor": "left"}
+    return {"text": html.escape(text) + small, "x": 0, "xanchor": "left", "y": 0.98, "yanchor": "top"}
 
 
 def token_label(token: str) -> str:

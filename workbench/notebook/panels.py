@@ -114,6 +114,7 @@ class Workbench:
             ],
             layout={"width": "100%"},
         )
+        self.widget.add_class("wb-root")
         self.norms_future = self.measure_norms()
 
     # -- engine line and typical norms --------------------------------------

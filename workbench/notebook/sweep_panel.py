@@ -149,6 +149,7 @@ class SweepPanel:
             ],
             layout={"width": "100%"},
         )
+        self.widget.add_class("wb-sweep-panel")
         self.refresh_context()
 
     def refresh_library(self) -> None:
