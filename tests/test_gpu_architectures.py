@@ -1,7 +1,8 @@
 """Real model shapes under CUDA graphs on a GPU (dummy bf16 weights, token-id
 prompts): steering changes a later layer's rows, clearing restores tokens and
 rows exactly, each request of a batch of per-request specs equals its row of
-the same batch under its spec alone, and captures have the right shape, on vLLM's default model runner and, for some, on V1 too.
+the same batch under its spec alone, and captures have the right shape, on
+vLLM's default model runner and, for some, on V1 too.
 
 Run on a CUDA host: ``bash bench/run_device.sh tests``. The shapes are the
 public configs in ``bench/models/``.
