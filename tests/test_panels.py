@@ -70,6 +70,23 @@ def test_rows_to_spec_refuses_what_it_cannot_apply_as_typed(tmp_path):
     assert (one_sided.layers[1].projection_cap.min, one_sided.layers[1].projection_cap.max) == (None, 2.0)
 
 
+def test_lens_table_aligns_branches_on_the_end_of_the_prompt():
+    from workbench.capture import CaptureHandle, MessageBoundary
+    from workbench.notebook.lens_panel import lens_table, row_at, turn_offsets
+
+    handle = CaptureHandle(
+        "r", "c", (0,), prompt_token_ids=(1, 2, 3, 4), generated_token_ids=(5, 6, 7),
+        message_boundaries=(MessageBoundary("system", "s", 0, 2), MessageBoundary("user", "u", 2, 4)),
+    )  # fmt: skip
+    assert turn_offsets(handle) == [-2, -1, 0, 1]  # the user message, then the reply rows captured
+    assert (row_at(handle, -1), row_at(handle, 1), row_at(handle, 2)) == (3, 5, None)
+    table = lens_table(
+        [0], {"baseline": None, "steered": [[(9, "<b>", 0.5), (8, " x", 0.25)]]}, {"baseline": "", "steered": ""}
+    )
+    assert "&lt;b&gt;" in table and "<b>'&lt;b&gt;'&nbsp;0.50</b>" in table and "' x'&nbsp;0.25" in table
+    assert "<td>—</td>" in table  # the branch without that token
+
+
 def test_number_entry_keeps_what_was_typed():
     entry = NumberEntry(4.0, -10.0, 10.0, 0.5, "scale")
     entry.text.value = "nan"
@@ -244,10 +261,48 @@ def test_compare_branches_stay_independent_and_stream(bench):
     assert any("layer 3 add direction (random (seed 0))" in label for label in options)
     bench.activations.quantity.value = next(key for label, key in options.items() if "layer 3 add" in label)
     assert "projection" in plots["token_heatmap"].layout.title.text.lower()
+    assert [trace.name for trace in plots["message_means"].data] == ["baseline", "steered"]
+    assert "projection on the layer 3 add direction" in plots["message_means"].layout.title.text
     bench.activations.quantity.value = "norm"
 
     chat.reset()
     assert not chat.history(BASELINE) and not chat.compare.disabled
+
+
+@pytest.mark.slow
+def test_logit_lens_reads_one_token_in_both_branches(bench):
+    model, chat, lens = bench.engine.model, bench.chat, bench.lens
+    chat.reset()
+    chat.max_tokens.value = 6
+    chat.input.value = "Tell me a fact about cats."
+    chat.send().result(120)
+    lenses = lens.last_future.result(60)  # read on its own once the turn's plots are drawn
+    handles = dict(zip(lens.captures.labels, lens.captures.handles))
+    assert lens.token.value == -1 and lens.token.label.startswith("prompt -1")
+    for label in (BASELINE, STEERED):
+        assert len(lenses[label]) == model.layer_count and all(len(row) == 5 for row in lenses[label])
+        # At the last prompt token the last layer's top token is the branch's own (greedy) first reply token.
+        assert lenses[label][-1][0][0] == handles[label].generated_token_ids[0]
+    steered = handles[STEERED]
+    direct = bench.engine.run(model.logit_lens(steered.hidden(10)[len(steered.prompt_token_ids) - 1], top_k=5))
+    assert lenses[STEERED][10] == direct[0]
+
+    def top_ids(rows):
+        return [[token for token, _, _ in row] for row in rows]
+
+    # Steering adds at layer 3: the layers before it read the same tokens, the later ones do not.
+    assert top_ids(lenses[BASELINE][:3]) == top_ids(lenses[STEERED][:3])
+    assert top_ids(lenses[BASELINE][3:]) != top_ids(lenses[STEERED][3:])
+    assert lens.table.value.count("<tr>") == model.layer_count + 1 and "next was" in lens.table.value
+
+    # A heatmap click picks its token; a position before this turn is refused with a message.
+    lens.select(STEERED, len(steered.prompt_token_ids) + 1)
+    lens.last_future.result(60)
+    assert lens.token.value == 1 and "reply 1" in lens.status.value
+    lens.select(STEERED, 0)
+    assert lens.token.value == 1 and "before this turn" in lens.status.value
+    lens.top_k.value = 3
+    assert all(len(row) == 3 for row in lens.last_future.result(60)[STEERED])
 
 
 @pytest.mark.slow

@@ -60,6 +60,8 @@ class ActivationsPanel:
         self.directions: dict[str, tuple[str, torch.Tensor]] = {}
         self.direction_names: Callable[[], dict[tuple[int, str], str]] = dict
         """(layer, op) -> the name of the editor's vector there, for the labels."""
+        self.on_token_click: list[Callable[[str, int], None]] = []
+        """Called with (branch label, token position) when a heatmap cell is clicked."""
         self.quantity = w.Dropdown(options=[(summaries.NORM.label, "norm")], value="norm", description="plot")
         self.layer = w.Dropdown(options=list(range(layer_count)), value=layer, description="message layer")
         self.include_first = w.Checkbox(value=False, description="include the first token", indent=False)
@@ -125,6 +127,11 @@ class ActivationsPanel:
         if not self._quiet:
             self.redraw()
 
+    def _heatmap_clicked(self, trace: Any, points: Any, _selector: Any) -> None:
+        for position in points.xs[:1]:
+            for listener in self.on_token_click:
+                listener(trace.name, int(position))
+
     def _quantity(self) -> summaries.Quantity:
         key = self.quantity.value
         if key == "norm" or key not in self.directions:
@@ -138,6 +145,8 @@ class ActivationsPanel:
         replace_figure(self.layer_means, figures.build_layer_figure(self.frame, quantity, first))
         replace_figure(self.message_means, figures.build_message_figure(self.frame, self.layer.value, quantity, first))
         replace_figure(self.heatmap, figures.build_token_heatmap_figure(self.frame, quantity, self.colour.value, first))
+        for trace in self.heatmap.data:
+            trace.on_click(self._heatmap_clicked)
         if self.captures is None:
             return
         handles = dict(zip(self.captures.labels, self.captures.handles))

@@ -24,6 +24,7 @@ from workbench.notebook.conversation import STEERED
 from workbench.notebook.editor import SteeringPanel
 from workbench.notebook.engine import NotebookEngine
 from workbench.notebook.home import exports_dir, sessions_dir, vectors_dir
+from workbench.notebook.lens_panel import LensPanel
 from workbench.notebook.residual_norms import TypicalNorms, typical_norms
 from workbench.notebook.session import (
     FIGURE_FORMATS,
@@ -44,6 +45,10 @@ STYLE = """<style>
 .wb-spec td, .wb-spec th, .wb-sweep td, .wb-sweep th {border-bottom: 1px solid #ddd; padding: 2px 6px;
   text-align: left; vertical-align: top; overflow-wrap: anywhere}
 .wb-branch-title {border-bottom: 1px solid #ccc; margin-bottom: 4px}
+.wb-lens {border-collapse: collapse; font-size: 12px; width: 100%}
+.wb-lens td, .wb-lens th {border-bottom: 1px solid #ddd; padding: 2px 6px; text-align: left; vertical-align: top;
+  overflow-wrap: anywhere}
+.wb-lens-note {font-weight: normal; color: #555}
 .wb-log {max-height: 300px; overflow: auto; font-size: 11px; background: #f7f7f7; padding: 4px}
 </style>"""
 
@@ -69,9 +74,11 @@ class Workbench:
         self.chat = ChatPanel(engine)
         self.activations = ActivationsPanel(model.tokenizer, model.layer_count, layer)
         self.activations.direction_names = lambda: {(r.layer, r.op): r.name() for r in self.steering.applied_rows}
+        self.lens = LensPanel(engine)
+        self.activations.on_token_click.append(self.lens.select)
         self.sweep = SweepPanel(engine, self.library, lambda: (self.chat.system.value, self.chat.history(STEERED)))
         self.contrast = ContrastPanel(engine, self.library, self._library_changed)
-        self.chat.on_turn += [self.activations.show, lambda _: self.sweep.refresh_context()]
+        self.chat.on_turn += [self.activations.show, self.lens.show, lambda _: self.sweep.refresh_context()]
         self.chat.on_reset.append(self.sweep.refresh_context)
         self.chat.system.observe(lambda _: self.sweep.refresh_context(), names="value")
 
@@ -110,6 +117,7 @@ class Workbench:
                 w.HBox([self.folder, save, load, self.export_button, self.export_progress], layout=wrap),
                 self.status.widget,
                 self.activations.widget,
+                self.lens.widget,
                 w.Accordion([self.sweep.widget, self.contrast.widget], titles=("Sweep", "Direction from captures")),
             ],
             layout={"width": "100%"},
