@@ -4,9 +4,10 @@ One JupyterLab and one kernel (one engine) serve every test here: the
 ``workbench`` fixture opens a copy of notebooks/02_workbench.ipynb, runs all
 cells and waits for the notebook's scripted turn. The tests then drive the
 page as a user would, in file order (each leaves the page usable for the
-next): three compare turns, the heatmap's hover, a bad layer, Stop, a sweep
-and a page reload, and the layout at 1280 and 1600 px. Screenshots go next
-to the copied notebook (and under $WORKBENCH_ARTIFACTS if set).
+next): three compare turns, the heatmap's hover, a click into the logit
+lens, a bad layer, Stop, a sweep and a page reload, and the layout at 1280
+and 1600 px. Screenshots go next to the copied notebook (and under
+$WORKBENCH_ARTIFACTS if set).
 """
 
 from __future__ import annotations
@@ -189,6 +190,20 @@ def test_heatmap_hover_shows_the_token_text(page):
     assert "token '" in text and "token -" not in text, text
     assert "layer" in text and "residual norm" in text
     save_screenshot(page, page.root / "heatmap-hover.png", plot)
+
+
+def test_a_heatmap_click_reads_that_token_through_the_logit_lens(page):
+    from playwright.sync_api import expect
+
+    lens = page.locator(".wb-lens-panel").first
+    expect(lens.locator("table.wb-lens")).to_be_visible(timeout=30_000)
+    plot = page.locator(".js-plotly-plot").nth(plot_index(page, "per token and layer"))
+    area = plot.locator(".nsewdrag").first.bounding_box()
+    page.mouse.click(area["x"] + area["width"] * 0.98, area["y"] + area["height"] * 0.5)  # a reply token
+    expect(lens).to_contain_text("reply ", timeout=30_000)
+    expect(lens).to_contain_text("top 5 next tokens at 30 layers")
+    assert lens.locator("table.wb-lens tbody tr").count() == 30
+    save_screenshot(page, page.root / "lens.png", lens)
 
 
 def test_a_bad_layer_shows_a_message_and_applies_nothing(page):
