@@ -75,6 +75,7 @@ def lab(tmp_path_factory):
             f"--ServerApp.root_dir={root}",
             "--LabApp.extension_manager=readonly",
             f"--LabApp.user_settings_dir={settings.parent.parent}",
+            f"--LabApp.workspaces_dir={tmp_path_factory.mktemp('workspaces')}",  # no tabs left open by other labs
             "--LabApp.news_url=",
             "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
         ],
@@ -111,6 +112,7 @@ def page(lab):
         console = (root / "console.log").open("w")
         tab.on("console", lambda message: console.write(f"{message.type}: {message.text}\n"))
         tab.on("pageerror", lambda error: console.write(f"page error: {error}\n"))
+        tab.add_init_script(REPORT_CAUSES)
         try:
             tab.goto(f"{url}/lab/tree/{NOTEBOOK.name}?token={token}")
             tab.locator(".jp-Notebook").first.wait_for(timeout=60_000)
@@ -118,8 +120,9 @@ def page(lab):
             expect(tab.locator(".jp-StatusBar-TextItem", has_text="Idle").first).to_be_visible(timeout=120_000)
             tab.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
             tab.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+            # The user's message shows at once; the plots once the turn (48 tokens per branch) is done.
             expect(column(tab, "steered")).to_contain_text("Tell me a fact about cats.", timeout=300_000)
-            expect(tab.locator(".legendtext", has_text="steered").first).to_be_visible(timeout=60_000)
+            expect(tab.locator(".legendtext", has_text="steered").first).to_be_visible(timeout=300_000)
             yield tab
             save_screenshot(tab, root / "workbench.png")
         except BaseException:
@@ -127,6 +130,13 @@ def page(lab):
             raise
         finally:
             browser.close()
+
+
+REPORT_CAUSES = """for (const kind of ['error', 'unhandledrejection']) window.addEventListener(kind, event => {
+  const error = event.error || event.reason;
+  if (error && error.cause) console.log(`${kind}: ${error} caused by ${error.cause}\\n${error.cause.stack || ''}`);
+});"""
+"""Widget errors wrap their cause (anywidget's "Failed to initialize model"): write it to console.log."""
 
 
 def save_screenshot(page, path: Path, element=None) -> None:

@@ -303,6 +303,7 @@ def test_logit_lens_reads_one_token_in_both_branches(bench):
     assert lens.token.value == 1 and "before this turn" in lens.status.value
     lens.top_k.value = 3
     assert all(len(row) == 3 for row in lens.last_future.result(60)[STEERED])
+    chat.reset()
 
 
 @pytest.mark.slow
