@@ -318,7 +318,8 @@ OVERFLOW = """() => {
 def test_the_layout_fits_its_panels(page, width):
     page.set_viewport_size({"width": width, "height": 1400})
     time.sleep(1.5)  # plots resize on the window's resize event
-    assert page.evaluate(OVERFLOW) == []
+    overflows = page.evaluate(OVERFLOW)
+    assert overflows == [], "\n".join(overflows)
     sliders = page.evaluate(
         "() => Array.from(document.querySelectorAll('.wb-root .widget-hslider .slider-container'))"
         ".filter(s => s.offsetParent).map(s => s.getBoundingClientRect().width)"

@@ -43,12 +43,14 @@ LOG_LINES = 60
 STYLE = """<style>
 .wb-spec, .wb-sweep {border-collapse: collapse; font-size: 12px; width: 100%}
 .wb-spec td, .wb-spec th, .wb-sweep td, .wb-sweep th {border-bottom: 1px solid #ddd; padding: 2px 6px;
-  text-align: left; vertical-align: top; overflow-wrap: anywhere}
+  text-align: left; vertical-align: top; overflow-wrap: break-word}
+.wb-sweep td {overflow-wrap: anywhere}
 .wb-branch-title {border-bottom: 1px solid #ccc; margin-bottom: 4px}
 .wb-lens {border-collapse: collapse; font-size: 12px; width: 100%}
 .wb-lens td, .wb-lens th {border-bottom: 1px solid #ddd; padding: 2px 6px; text-align: left; vertical-align: top;
   overflow-wrap: anywhere}
 .wb-lens-note {font-weight: normal; color: #555}
+.wb-root .widget-inline-hbox {max-width: calc(100% - 2 * var(--jp-widgets-margin, 2px))}
 .wb-log {max-height: 300px; overflow: auto; font-size: 11px; background: #f7f7f7; padding: 4px}
 </style>"""
 
