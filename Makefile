@@ -39,8 +39,13 @@ test: setup browser
 test-fast: setup
 	$(PY) -m pytest -m "not slow"
 
+# JupyterLab on the notebooks; what the workbench writes (vectors, sessions, exported
+# figures, the engine log) goes under $(WORKBENCH_HOME), outside the checkout.
+export WORKBENCH_HOME ?= $(HOME)/.local/share/workbench
+ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
+
 lab: setup
-	$(VENV)/bin/jupyter lab notebooks/ --ip 127.0.0.1 --no-browser
+	$(VENV)/bin/jupyter lab notebooks/ --ip 127.0.0.1 --no-browser $(ROOT_FLAG)
 
 bench-cpu: setup
 	$(PY) bench/bench_steering.py --preset cpu

@@ -121,6 +121,7 @@ async def test_sweep_runs_every_scale_in_one_call(model):
     frame = await model.sweep("Once upon a time", 5, vector, scales, GREEDY, progress=False)
     assert list(frame["scale"]) == scales
     assert frame["text"].map(len).gt(0).all()
+    assert frame["nonfinite_layer"].isna().all()  # no scale here breaks the stream
     # The add moves every prompt row along the direction by scale * |vector|.
     shift = np.diff(frame["proj_prompt_mean"].to_numpy())
     assert np.allclose(shift, 4.0 * vector.norm().item(), rtol=1e-3)

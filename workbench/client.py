@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -186,12 +186,14 @@ class VLLMSteerModel(SteerModel):
         spec: SteeringSpec,
         layers: tuple[int, ...],
         boundaries: tuple[MessageBoundary, ...] = (),
+        on_text: Callable[[str], None] | None = None,
     ) -> RequestResult:
         capture = self._link.capture_request(layers, len(token_ids), params.max_tokens) if layers else None
         messages = tuple((b.start, b.end, TARGET_CODES[b.role]) for b in boundaries) if spec.needs_messages else ()
         run = SteeredRun(request_id=f"wb-{uuid.uuid4().hex}", spec=spec, capture=capture, messages=messages)
-        async for _ in self._link.stream({"prompt_token_ids": token_ids}, params, run):
-            pass
+        async for output in self._link.stream({"prompt_token_ids": token_ids}, params, run):
+            if on_text is not None:
+                on_text(output.outputs[0].text)
         final = run.final
         handle = None
         if capture is not None:

@@ -23,7 +23,7 @@ import io
 import logging
 import tempfile
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import httpx
@@ -261,6 +261,7 @@ class RemoteSteerModel(SteerModel):
         spec: SteeringSpec,
         layers: tuple[int, ...],
         boundaries: tuple[MessageBoundary, ...],
+        on_text: Callable[[str], None] | None = None,
     ) -> RequestResult:
         if spec.needs_messages:
             raise SpecError(ROLE_TARGETING_NOT_SERVED)
@@ -283,6 +284,8 @@ class RemoteSteerModel(SteerModel):
                 message_boundaries=boundaries,
             )
             handle._attach(self, weak_callback(self, "_delete_capture_soon"))
+        if on_text is not None:  # one call with the whole text: these requests are not streamed
+            on_text(choice["text"])
         return RequestResult(choice["text"], reply, handle, choice.get("nonfinite_layer"))
 
     # -- captures --------------------------------------------------------------------

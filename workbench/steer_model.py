@@ -18,7 +18,7 @@ import abc
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 
 Prompts = str | Sequence[int] | Sequence[str | Sequence[int]]
 Specs = SteeringSpec | Sequence[SteeringSpec | None] | None
+TextCallback = Callable[[int, str], None]
+"""``on_text(index, text)``: prompt ``index`` has generated ``text`` so far."""
 
 
 @dataclass
@@ -112,8 +114,10 @@ class SteerModel(abc.ABC):
         spec: SteeringSpec,
         layers: tuple[int, ...],
         boundaries: tuple[MessageBoundary, ...],
+        on_text: Callable[[str], None] | None = None,
     ) -> RequestResult:
-        """Run one tokenised prompt with ``spec``, capturing ``layers`` (none: ``()``)."""
+        """Run one tokenised prompt with ``spec``, capturing ``layers`` (none: ``()``);
+        ``on_text(text so far)`` as the text grows, where the backend streams."""
 
     @abc.abstractmethod
     async def fetch_captures_batch(self, handles: Sequence[CaptureHandle]) -> None:
@@ -180,6 +184,7 @@ class SteerModel(abc.ABC):
         capture_layers: Sequence[int] | int | None = None,
         steering_spec: Specs = None,
         raw_output: bool = False,
+        on_text: TextCallback | None = None,
         **sampling_kwargs: Any,
     ) -> list[Any] | tuple[list[Any], list[CaptureHandle]]:
         """Generate one completion per prompt (a string or a list of token ids).
@@ -191,10 +196,15 @@ class SteerModel(abc.ABC):
         ``Completion``s (strings; the backend's raw records with
         ``raw_output=True``), or ``(texts, handles)`` when ``capture_layers``
         is given.
+
+        ``on_text(index, text)`` streams: it is called on the event loop each
+        time prompt ``index``'s text grows, with its text so far (keep it
+        quick; what it raises fails the call). Cancelling the task awaiting
+        ``generate`` aborts its requests.
         """
         params = self._resolve_sampling(sampling_params, sampling_kwargs)
         token_ids = self._tokenize_prompts(prompts)
-        results = await self._run_prompts(token_ids, params, capture_layers, steering_spec)
+        results = await self._run_prompts(token_ids, params, capture_layers, steering_spec, on_text=on_text)
         texts = [result.raw if raw_output else Completion(result.text, result.nonfinite_layer) for result in results]
         if capture_layers is None:
             return texts
@@ -209,13 +219,15 @@ class SteerModel(abc.ABC):
         steering_spec: Specs = None,
         raw_output: bool = False,
         chat_options: Mapping[str, Any] | None = None,
+        on_text: TextCallback | None = None,
         **sampling_kwargs: Any,
     ) -> list[Any] | tuple[list[Any], list[CaptureHandle]]:
         """Reply to one conversation (a list of ``{"role", "content"}`` dicts) or a batch of them.
 
         Takes what ``generate`` takes, plus ``chat_options`` for the chat
         template (``add_generation_prompt``, ``continue_final_message`` for an
-        assistant prefill, ``chat_template``, ...). Returns ``ChatResponse``s
+        assistant prefill, ``chat_template``, ...); ``on_text`` streams the
+        generated text (without the prefill) as in ``generate``. Returns ``ChatResponse``s
         (the raw records with ``raw_output=True``), or ``(responses,
         handles)`` with ``capture_layers``; handles carry ``message_boundaries``.
         """
@@ -235,6 +247,7 @@ class SteerModel(abc.ABC):
             capture_layers,
             specs,
             [f.boundaries for f in formatted],
+            on_text=on_text,
         )
         if raw_output:
             responses: list[Any] = [result.raw for result in results]
@@ -253,6 +266,7 @@ class SteerModel(abc.ABC):
         capture_layers: Sequence[int] | int | None,
         steering_spec: Specs,
         boundaries: Sequence[tuple[MessageBoundary, ...]] | None = None,
+        on_text: TextCallback | None = None,
     ) -> list[RequestResult]:
         """Check a call's prompts, specs and captures, then run its requests concurrently."""
         await self._ensure_ready()
@@ -274,8 +288,8 @@ class SteerModel(abc.ABC):
         return list(
             await asyncio.gather(
                 *(
-                    self._run_request(ids, params, spec, layers, bounds)
-                    for ids, spec, bounds in zip(token_ids, specs, boundaries)
+                    self._run_request(ids, params, spec, layers, bounds, _text_of(on_text, index))
+                    for index, (ids, spec, bounds) in enumerate(zip(token_ids, specs, boundaries))
                 )
             )
         )
@@ -418,3 +432,10 @@ class SteerModel(abc.ABC):
             yield spec
         finally:
             await self.pop_steering_spec()
+
+
+def _text_of(on_text: TextCallback | None, index: int) -> Callable[[str], None] | None:
+    """``on_text`` bound to one prompt's index."""
+    if on_text is None:
+        return None
+    return lambda text: on_text(index, text)

@@ -2,7 +2,8 @@
 as one batch of per-request specs (concurrent requests share vLLM's batches).
 
 Returns a DataFrame with a row per scale: ``scale``, ``text``,
-``generated_tokens``, and statistics of the projection on the unit direction
+``generated_tokens``, ``nonfinite_layer`` (where steering broke the
+residual stream, or ``None``), and statistics of the projection on the unit direction
 at ``measure_layer`` (default: the steered layer, after the op):
 ``proj_prompt_mean``, ``proj_generated_mean``, ``proj_generated_std``, and
 ``norm_generated_mean``.
@@ -67,7 +68,7 @@ async def run_sweep(
     direction = specs[0].layers[layer].add.vector if op == "add" else specs[0].layers[layer].ablation.vector
     direction = direction / direction.norm()
 
-    async def one(spec: SteeringSpec) -> tuple[str, Any]:
+    async def one(spec: SteeringSpec) -> tuple[Any, Any]:
         if isinstance(prompt, str):
             texts, handles = await model.generate(prompt, sampling_params, capture_layers=[measure], steering_spec=spec)
         else:
@@ -79,7 +80,7 @@ async def run_sweep(
                 steering_spec=spec,
             )
         await model.fetch_captures_batch(handles)
-        return str(texts[0]), handles[0]
+        return texts[0], handles[0]
 
     tasks = [asyncio.ensure_future(one(spec)) for spec in specs]
     report = progress if callable(progress) else None
@@ -97,7 +98,7 @@ async def run_sweep(
             task.add_done_callback(finished)
         results = await asyncio.gather(*tasks)
     rows = []
-    for scale, (text, handle) in zip(scales, results):
+    for scale, (completion, handle) in zip(scales, results):
         hidden = handle.hidden(measure).float()
         prompt_rows = len(handle.prompt_token_ids)
         proj = hidden @ direction
@@ -105,8 +106,9 @@ async def run_sweep(
         rows.append(
             {
                 "scale": float(scale),
-                "text": text,
+                "text": str(completion),
                 "generated_tokens": len(handle.generated_token_ids),
+                "nonfinite_layer": completion.nonfinite_layer,
                 "proj_prompt_mean": proj[:prompt_rows].mean().item(),
                 "proj_generated_mean": proj[prompt_rows:].mean().item() if len(generated) else float("nan"),
                 "proj_generated_std": proj[prompt_rows:].std().item() if len(generated) > 1 else float("nan"),

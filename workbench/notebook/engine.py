@@ -6,21 +6,28 @@ instead (a ``RemoteSteerModel``: the model runs on another machine).
 Asking again with another config raises ``EngineConfigError`` naming the
 difference; pass ``restart=True`` to replace the engine. An engine whose
 processes died is noticed on the next ``get_engine()`` and restarted, with a
-message.
+message. Unless the config names a ``log_file``, the engine processes'
+output goes to this kernel's log file under the workbench folder
+(``home.engine_log_path()``), and so does what vLLM logs in the kernel's own
+process: cells show one progress line, not vLLM's log.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
+import os
 import threading
 from collections.abc import Coroutine, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 from workbench.client import VLLMSteeringConfig, VLLMSteerModel
 from workbench.errors import EngineConfigError
 from workbench.notebook.bridge import DEFAULT_TIMEOUT_S, LoopThread
+from workbench.notebook.home import engine_log_path
 from workbench.remote import RemoteSteerModel
 from workbench.steer_model import SteerModel
 
@@ -34,7 +41,7 @@ def _elapsed(description: str) -> Iterator[None]:
     """A progress line with elapsed time while something of unknown length runs."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=None, desc=description, bar_format="{desc}: {elapsed}")
+    bar = tqdm(total=None, desc=description, bar_format="{desc} {elapsed}")
     stop = threading.Event()
 
     def tick() -> None:
@@ -49,6 +56,32 @@ def _elapsed(description: str) -> Iterator[None]:
         stop.set()
         ticker.join()
         bar.close()
+
+
+LOGGING_CONFIG_ENV = "VLLM_LOGGING_CONFIG_PATH"
+"""vLLM's own setting: a ``logging.config.dictConfig`` JSON file its processes apply."""
+
+
+def _vllm_logs_to(path: str) -> None:
+    """Have vLLM log into ``path`` in this process and in the engine's (unless
+    the user configured vLLM's logging): through vLLM's documented logging
+    config file, which every process applies when vLLM sets up its logging."""
+    if os.environ.get(LOGGING_CONFIG_ENV) or os.environ.get("VLLM_CONFIGURE_LOGGING") == "0":
+        return
+    level = os.environ.get("VLLM_LOGGING_LEVEL", "WARNING").upper()
+    config = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {
+            "plain": {"format": "(%(processName)s pid=%(process)d) %(levelname)s %(asctime)s %(name)s: %(message)s"}
+        },
+        "handlers": {"file": {"class": "logging.FileHandler", "filename": path, "formatter": "plain", "level": level}},
+        "loggers": {"vllm": {"handlers": ["file"], "level": level, "propagate": False}},
+    }
+    config_path = Path(path).with_suffix(".logging.json")
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    config_path.write_text(json.dumps(config, indent=1))
+    os.environ[LOGGING_CONFIG_ENV] = str(config_path)
 
 
 class NotebookEngine:
@@ -66,7 +99,13 @@ class NotebookEngine:
                 return RemoteSteerModel(url, **engine_kwargs)
             return VLLMSteerModel(config, **engine_kwargs)
 
-        with _elapsed(f"connecting to {url}" if url is not None else f"starting the engine ({config.model_name})"):
+        if url is not None:
+            description = f"connecting to {url}; elapsed"
+        else:
+            if config.log_file is not None:
+                _vllm_logs_to(config.log_file)
+            description = f"starting the engine ({config.model_name}); its log: {config.log_file}; elapsed"
+        with _elapsed(description):
             self.model: SteerModel = self.bridge.run(start(), timeout=None)
 
     @property
@@ -102,10 +141,16 @@ def _differences(a: VLLMSteeringConfig, b: VLLMSteeringConfig) -> list[str]:
     ]
 
 
+def _with_log_file(config: VLLMSteeringConfig) -> VLLMSteeringConfig:
+    if config.log_file is not None:
+        return config
+    return dataclasses.replace(config, log_file=str(engine_log_path()))
+
+
 def get_engine(
     config: VLLMSteeringConfig | None = None, restart: bool = False, url: str | None = None, **engine_kwargs: Any
 ) -> NotebookEngine:
-    """The kernel's engine, started on first use (this takes a while; vLLM logs its progress).
+    """The kernel's engine, started on first use (this takes a while; a progress line shows the time).
 
     With ``url``, the model is the steering server there (``RemoteSteerModel``;
     ``engine_kwargs`` are its options, e.g. ``api_key``) instead of an engine in this kernel.
@@ -113,6 +158,8 @@ def get_engine(
     global _current
     if url is not None and config is not None:
         raise EngineConfigError("give a config (an engine in this kernel) or a url (a steering server), not both")
+    if config is not None:
+        config = _with_log_file(config)
     with _lock:
         if _current is not None and not restart:
             if _current.is_alive:
@@ -132,7 +179,7 @@ def get_engine(
         if _current is not None:
             _current.close()
             _current = None
-        _current = NotebookEngine(config or VLLMSteeringConfig(), engine_kwargs, url)
+        _current = NotebookEngine(config or _with_log_file(VLLMSteeringConfig()), engine_kwargs, url)
         return _current
 
 

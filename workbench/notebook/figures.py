@@ -2,144 +2,232 @@
 
 They know nothing of widgets, so scripts and tests use them directly and the
 panels wrap them in ``FigureWidget``s. Inputs are the tables of
-``workbench.tables`` (one row per token x layer) or the small summaries
-below, which are computed from them.
+``workbench.tables`` (one row per token x layer) or the summaries of
+``workbench.notebook.summaries``. Titles and axes are words; each figure
+says when the first (attention-sink) token is left out.
 """
 
 from __future__ import annotations
 
+import html
+from typing import Any
+
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
-import torch
+from plotly.subplots import make_subplots
 
-from workbench.capture import CaptureHandle
+from workbench.errors import WorkbenchError
+from workbench.notebook.summaries import NORM, Quantity, layer_means, message_means, token_rows
 
-LAYOUT = {"template": "plotly_white", "margin": {"l": 60, "r": 20, "t": 50, "b": 50}}
+LAYOUT: dict[str, Any] = {
+    "template": "plotly_white",
+    "autosize": True,
+    "height": 380,
+    "margin": {"l": 60, "r": 20, "t": 95, "b": 50},
+    "legend": {"orientation": "h", "x": 0, "y": 1.01, "yanchor": "bottom"},
+}
+"""No fixed width: a figure takes its column's width."""
+
+COLOUR_SCALES = ("clipped", "linear", "log")
+"""Heatmap colour scales: clipped to the 2nd..98th percentile, linear over
+all values, or logarithmic (signed for projections, which can be negative)."""
+
+CLIP_PERCENTILES = (2.0, 98.0)
 
 
-def layer_norms(frame: pd.DataFrame) -> pd.DataFrame:
-    """Mean residual-stream norm per request and layer."""
-    return frame.groupby(["request", "layer"], as_index=False)["norm"].mean()
+def _title(text: str, include_first_token: bool | None = None, note: str = "") -> dict[str, Any]:
+    notes = [note] if note else []
+    if include_first_token is False:
+        notes.append("first token left out")
+    small = f"<br><span style='font-size:12px;color:#555'>{html.escape('; '.join(notes))}</span>" if notes else ""
+    return {"text": html.escape(text) + small, "x": 0, "xanchor": "left", "y": 0.98, "yanchor": "top"}
 
 
-def message_norms(frame: pd.DataFrame) -> pd.DataFrame:
-    """Mean norm per request and message (prompt rows of chat captures)."""
-    chat = frame[(frame["message"] >= 0) & (frame["phase"] == "prompt")]
-    return chat.groupby(["request", "layer", "message", "role"], as_index=False)["norm"].mean()
+def token_label(token: str) -> str:
+    """A token as hover text: quoted (spaces and newlines visible), markup escaped."""
+    return html.escape(repr(token), quote=False)
 
 
-def build_layer_norm_figure(frame: pd.DataFrame) -> go.Figure:
-    """Mean norm against layer, one line per request (e.g. baseline vs steered)."""
-    summary = layer_norms(frame)
-    figure = go.Figure(layout={**LAYOUT, "title": "Mean activation norm per layer"})
+def build_layer_figure(frame: pd.DataFrame, quantity: Quantity = NORM, include_first_token: bool = False) -> go.Figure:
+    """Mean ``quantity`` over tokens against layer, one line per request (e.g. baseline and steered)."""
+    summary = layer_means(frame, quantity, include_first_token)
+    figure = go.Figure(layout={**LAYOUT, "title": _title(f"Mean {quantity.label} per layer", include_first_token)})
     for request, rows in summary.groupby("request", sort=False):
-        figure.add_trace(go.Scatter(x=rows["layer"], y=rows["norm"], mode="lines+markers", name=str(request)))
+        figure.add_trace(go.Scatter(x=rows["layer"], y=rows["value"], mode="lines+markers", name=str(request)))
     figure.update_xaxes(title="layer")
-    figure.update_yaxes(title="mean norm")
+    figure.update_yaxes(title=f"mean {quantity.label}")
     return figure
 
 
-def build_message_norm_figure(frame: pd.DataFrame, layer: int) -> go.Figure:
-    """Mean norm of each message at ``layer``, bars grouped by request, labelled by role."""
-    summary = message_norms(frame[frame["layer"] == layer])
-    figure = go.Figure(layout={**LAYOUT, "title": f"Mean norm per message (layer {layer})", "barmode": "group"})
-    for request, rows in summary.groupby("request", sort=False):
-        labels = [f"{m}: {r}" for m, r in zip(rows["message"], rows["role"])]
-        figure.add_trace(go.Bar(x=labels, y=rows["norm"], name=str(request)))
-    figure.update_xaxes(title="message")
-    figure.update_yaxes(title="mean norm")
-    return figure
-
-
-def build_token_heatmap_figure(frame: pd.DataFrame, request: object | None = None) -> go.Figure:
-    """Norm of every token (x) at every captured layer (y); token text on hover."""
-    rows = frame if request is None else frame[frame["request"] == request]
-    grid = rows.pivot_table(index="layer", columns="position", values="norm")
-    tokens = rows.drop_duplicates("position").set_index("position").reindex(grid.columns)
-    text = tokens["token"] if "token" in tokens else tokens["token_id"].astype(str)
+def build_message_figure(
+    frame: pd.DataFrame, layer: int, quantity: Quantity = NORM, include_first_token: bool = False
+) -> go.Figure:
+    """Mean ``quantity`` of each message (and the reply) at ``layer``, bars grouped by request."""
+    summary = message_means(frame, layer, quantity, include_first_token)
     figure = go.Figure(
-        go.Heatmap(
-            z=grid.to_numpy(),
-            x=list(grid.columns),
-            y=list(grid.index),
-            customdata=[list(text)] * len(grid.index),
-            hovertemplate="layer %{y}, position %{x}<br>token %{customdata!r}<br>norm %{z:.2f}<extra></extra>",
-            colorscale="Viridis",
-            colorbar={"title": "norm"},
-        ),
-        layout={**LAYOUT, "title": "Activation norm per token and layer"},
+        layout={
+            **LAYOUT,
+            "title": _title(f"Mean {quantity.label} per message at layer {layer}", include_first_token),
+            "barmode": "group",
+        }
     )
-    figure.update_xaxes(title="token position")
-    figure.update_yaxes(title="layer")
+    for request, rows in summary.groupby("request", sort=False):
+        figure.add_trace(go.Bar(x=rows["message"], y=rows["value"], name=str(request)))
+    figure.update_xaxes(title="message (index and role)")
+    figure.update_yaxes(title=f"mean {quantity.label}")
     return figure
 
 
-def message_cosines(handle: CaptureHandle, layer: int) -> pd.DataFrame:
-    """Cosine similarity between the mean vectors of every pair of messages (long format)."""
-    means = torch.stack(
-        [handle.get_message_activations(i, layer).float().mean(dim=0) for i in range(len(handle.message_boundaries))]
+def _colour_values(values: np.ndarray, signed: bool, colour: str) -> np.ndarray:
+    if colour != "log":
+        return values
+    if signed:
+        return np.sign(values) * np.log10(1.0 + np.abs(values))
+    return np.log10(np.maximum(values, 1e-6))
+
+
+def _colour_range(values: np.ndarray, signed: bool, colour: str) -> dict[str, float]:
+    finite = values[np.isfinite(values)]
+    if colour != "clipped" or finite.size == 0:
+        return {"cmid": 0.0} if signed else {}
+    if signed:
+        high = float(np.percentile(np.abs(finite), CLIP_PERCENTILES[1]))
+        return {"cmin": -high, "cmax": high}
+    low, high = (float(np.percentile(finite, p)) for p in CLIP_PERCENTILES)
+    return {"cmin": low, "cmax": high}
+
+
+def build_token_heatmap_figure(
+    frame: pd.DataFrame,
+    quantity: Quantity = NORM,
+    colour: str = "clipped",
+    include_first_token: bool = False,
+    requests: list[Any] | None = None,
+) -> go.Figure:
+    """``quantity`` of every token (x) at every captured layer (y), one panel
+    per request above each other with one shared colour scale; hovering a
+    cell shows the token's text, layer, position and value."""
+    if colour not in COLOUR_SCALES:
+        raise WorkbenchError(f"colour must be one of {COLOUR_SCALES}, got {colour!r}")
+    rows = token_rows(frame, include_first_token)
+    requests = list(dict.fromkeys(rows["request"])) if requests is None else requests
+    signed = quantity.column != NORM.column
+    panels = max(len(requests), 1)
+    figure = make_subplots(
+        rows=panels, cols=1, subplot_titles=[str(r) for r in requests] or None, vertical_spacing=0.12 / panels
     )
-    unit = torch.nn.functional.normalize(means, dim=-1)
-    matrix = (unit @ unit.T).numpy()
-    labels = [f"{i}: {b.role}" for i, b in enumerate(handle.message_boundaries)]
-    return pd.DataFrame(
-        [(a, b, float(matrix[i, j])) for i, a in enumerate(labels) for j, b in enumerate(labels)],
-        columns=["message_a", "message_b", "cosine"],
+    shown = []
+    for index, request in enumerate(requests, start=1):
+        part = rows[rows["request"] == request]
+        grid = part.pivot_table(index="layer", columns="position", values=quantity.column)
+        tokens = part.drop_duplicates("position").set_index("position")["token"].reindex(grid.columns)
+        values = grid.to_numpy(dtype=float)
+        shown.append(values.ravel())
+        figure.add_trace(
+            go.Heatmap(
+                z=_colour_values(values, signed, colour),
+                x=list(grid.columns),
+                y=list(grid.index),
+                text=[[token_label(str(t)) for t in tokens]] * len(grid.index),
+                customdata=values,
+                coloraxis="coloraxis",
+                name=str(request),
+                hovertemplate=(
+                    "token %{text}<br>layer %{y}, position %{x}<br>"
+                    + html.escape(quantity.label)
+                    + " %{customdata:.2f}<extra>"
+                    + html.escape(str(request))
+                    + "</extra>"
+                ),
+            ),
+            row=index,
+            col=1,
+        )
+        figure.update_yaxes(title="layer", row=index, col=1)
+    figure.update_xaxes(title="token position", row=panels, col=1)
+    values = _colour_values(np.concatenate(shown), signed, colour) if shown else np.array([])
+    prefix = "log10 " if colour == "log" and not signed else "signed log10 " if colour == "log" else ""
+    figure.update_layout(
+        **{**LAYOUT, "height": 120 + 260 * panels},
+        title=_title(f"{quantity.label.capitalize()} per token and layer", include_first_token, f"{colour} colours"),
+        coloraxis={
+            "colorscale": "RdBu_r" if signed else "Viridis",
+            "colorbar": {"title": {"text": prefix + quantity.label.split(" on ")[0]}},
+            **_colour_range(values, signed, colour),
+        },
     )
+    return figure
 
 
-def layer_cosines(baseline: CaptureHandle, steered: CaptureHandle, prompt_only: bool = False) -> pd.DataFrame:
-    """Per layer, cosine between the two captures' mean vectors over the rows
-    both have (or only their prompt rows, which see the same tokens)."""
-    records = []
-    for layer in baseline.layer_indices:
-        if layer not in steered.layer_indices:
-            continue
-        a, b = baseline.hidden(layer).float(), steered.hidden(layer).float()
-        rows = min(a.shape[0], b.shape[0])
-        if prompt_only:
-            rows = min(rows, len(baseline.prompt_token_ids), len(steered.prompt_token_ids))
-        cosine = torch.nn.functional.cosine_similarity(a[:rows].mean(0), b[:rows].mean(0), dim=0).item()
-        records.append({"layer": layer, "cosine": cosine})
-    return pd.DataFrame(records, columns=["layer", "cosine"])
-
-
-def build_cosine_heatmap_figure(cosines: pd.DataFrame) -> go.Figure:
-    """Heatmap of a ``message_cosines`` table."""
+def build_cosine_heatmap_figure(cosines: pd.DataFrame, title: str = "Cosine between messages") -> go.Figure:
+    """Heatmap of a ``summaries.message_cosines`` table."""
     grid = cosines.pivot(index="message_a", columns="message_b", values="cosine")
     order = list(dict.fromkeys(cosines["message_a"]))
     grid = grid.reindex(index=order, columns=order)
     figure = go.Figure(
-        go.Heatmap(z=grid.to_numpy(), x=order, y=order, zmin=-1, zmax=1, colorscale="RdBu", colorbar={"title": "cos"}),
-        layout={**LAYOUT, "title": "Cosine similarity between messages"},
+        go.Heatmap(
+            z=grid.to_numpy(),
+            x=order,
+            y=order,
+            zmin=-1,
+            zmax=1,
+            colorscale="RdBu_r",
+            colorbar={"title": {"text": "cosine"}},
+            hovertemplate="%{y} and %{x}<br>cosine %{z:.3f}<extra></extra>",
+        ),
+        layout={**LAYOUT, "title": _title(title, False, "mean vector of each message")},
     )
     figure.update_yaxes(autorange="reversed")
     return figure
 
 
-def build_layer_cosine_figure(cosines: pd.DataFrame) -> go.Figure:
-    """A ``layer_cosines`` table: how far steering turned the mean activation, per layer."""
+LAYER_COSINE_NOTES = {
+    "turn": "mean over this turn (the last user message and the reply)",
+    "shared": "mean over the rows both have",
+    "prompt": "mean over the prompt rows",
+}
+
+
+def build_layer_cosine_figure(cosines: pd.DataFrame, rows: str = "turn") -> go.Figure:
+    """A ``summaries.layer_cosines`` table: how far steering turned the mean activation, per layer."""
     figure = go.Figure(
         go.Scatter(x=cosines["layer"], y=cosines["cosine"], mode="lines+markers", name="baseline vs steered"),
-        layout={**LAYOUT, "title": "Cosine between baseline and steered, per layer"},
+        layout={
+            **LAYOUT,
+            "title": _title("Cosine between baseline and steered, per layer", False, LAYER_COSINE_NOTES[rows]),
+        },
     )
     figure.update_xaxes(title="layer")
-    figure.update_yaxes(title="cosine", range=[-1.05, 1.05])
+    figure.update_yaxes(title="cosine of the mean vectors", range=[-1.05, 1.05])
     return figure
 
 
-def build_sweep_figure(sweep: pd.DataFrame, metric: str = "proj_generated_mean") -> go.Figure:
-    """A sweep's metric against scale, the text on hover."""
+SWEEP_AXES = {
+    "add": "scale (norm of the added vector)",
+    "ablation": "kept fraction of the component on the direction",
+}
+
+
+def build_sweep_figure(sweep: pd.DataFrame, layer: int | None = None, op: str = "add") -> go.Figure:
+    """A sweep (``workbench.sweep``): the mean projection of the generated
+    tokens on the direction against scale, each reply (or why it is empty) on hover."""
+    notes = sweep["note"] if "note" in sweep else pd.Series([""] * len(sweep), dtype=object)
+    hover = [note or str(text)[:120] for text, note in zip(sweep["text"], notes)]
+    where = f" at layer {layer}" if layer is not None else ""
     figure = go.Figure(
         go.Scatter(
             x=sweep["scale"],
-            y=sweep[metric],
+            y=sweep["proj_generated_mean"],
             mode="lines+markers",
-            customdata=sweep["text"].str.slice(0, 120),
-            hovertemplate="scale %{x}<br>" + metric + " %{y:.3f}<br>%{customdata}<extra></extra>",
+            customdata=[html.escape(text, quote=False) for text in hover],
+            hovertemplate="scale %{x}<br>projection %{y:.2f}<br>%{customdata}<extra></extra>",
         ),
-        layout={**LAYOUT, "title": f"{metric} against scale"},
+        layout={
+            **LAYOUT,
+            "title": _title(f"Projection on the direction{where} against scale", None, "mean over generated tokens"),
+        },
     )
-    figure.update_xaxes(title="scale")
-    figure.update_yaxes(title=metric)
+    figure.update_xaxes(title=SWEEP_AXES.get(op, "scale"))
+    figure.update_yaxes(title="mean projection on the direction")
     return figure

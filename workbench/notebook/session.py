@@ -3,18 +3,22 @@
 ``export_figure`` writes a plotly figure as standalone HTML (plotly.js
 embedded, opens offline) and as PNG / SVG through kaleido, which drives a
 Chromium; the system's Debian ``chromium`` is used when ``BROWSER_PATH`` is
-not set. ``save_session`` / ``load_session`` keep one workbench session in a
-folder: the steering spec (safetensors), the conversation and sampling
-settings (JSON) and every figure (plotly's figure JSON, which plotly.js and
-``plotly.io.read_json`` read). Nothing here executes code on load.
+not set. ``export_figures`` writes many with one browser (starting one per
+image costs seconds each) and reports progress. ``save_session`` /
+``load_session`` keep one workbench session in a folder: the steering spec
+(safetensors), the conversation and sampling settings (JSON) and every
+figure (plotly's figure JSON, which plotly.js and ``plotly.io.read_json``
+read). Nothing here executes code on load.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-from collections.abc import Iterable, Mapping
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,15 +61,48 @@ def export_figure(figure: go.Figure, stem: str | Path, formats: Iterable[str] = 
     return paths
 
 
+@contextlib.contextmanager
+def _one_browser() -> Iterator[None]:
+    """Kaleido renders every image of the block in one Chromium."""
+    import kaleido
+
+    _browser_for_kaleido()
+    kaleido.start_sync_server(silence_warnings=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The kopts argument is ignored")
+            yield
+    finally:
+        kaleido.stop_sync_server(silence_warnings=True)
+
+
+def export_figures(
+    figures: Mapping[str, go.Figure],
+    folder: str | Path,
+    formats: Iterable[str] = FIGURE_FORMATS,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[Path]:
+    """Every figure to ``folder/<name>.<format>``; ``progress(done, total)``
+    after each figure. Safe to run off the kernel's thread on copies of the
+    figures (``go.Figure(widget)``)."""
+    formats = tuple(formats)
+    paths: list[Path] = []
+    images = any(fmt in ("png", "svg") for fmt in formats)
+    with _one_browser() if images else contextlib.nullcontext():
+        for done, (name, figure) in enumerate(figures.items(), start=1):
+            paths += export_figure(figure, Path(folder) / name, formats)
+            if progress is not None:
+                progress(done, len(figures))
+    return paths
+
+
 @dataclass
 class Session:
     """One workbench session as data."""
 
     spec: SteeringSpec = field(default_factory=SteeringSpec)
-    history: list[dict[str, str]] = field(default_factory=list)
-    """The conversation, as chat messages."""
     settings: dict[str, Any] = field(default_factory=dict)
-    """System prompt, prefill, sampling controls, compare mode."""
+    """System prompt, prefill, sampling controls, and the conversation (each branch's history and the turns)."""
     figures: dict[str, go.Figure] = field(default_factory=dict)
 
 
@@ -74,13 +111,11 @@ def save_session(folder: str | Path, session: Session, figure_formats: Iterable[
     folder = Path(folder)
     (folder / "figures").mkdir(parents=True, exist_ok=True)
     session.spec.save(folder / "spec.safetensors")
-    atomic_write_text(
-        folder / "session.json", json.dumps({"history": session.history, "settings": session.settings}, indent=2)
-    )
+    atomic_write_text(folder / "session.json", json.dumps({"settings": session.settings}, indent=2))
     for name, figure in session.figures.items():
         atomic_write_text(folder / "figures" / f"{name}.json", pio.to_json(go.Figure(figure)))
-        if figure_formats:
-            export_figure(figure, folder / "figures" / name, figure_formats)
+    if figure_formats:
+        export_figures(session.figures, folder / "figures", figure_formats)
     return folder
 
 
@@ -98,7 +133,6 @@ def load_session(folder: str | Path) -> Session:
     }
     return Session(
         spec=SteeringSpec.load(folder / "spec.safetensors"),
-        history=list(meta.get("history", [])),
         settings=dict(meta.get("settings", {})),
         figures=figures,
     )
