@@ -51,6 +51,7 @@ STYLE = """<style>
   overflow-wrap: anywhere}
 .wb-lens-note {font-weight: normal; color: #555}
 .wb-root .widget-inline-hbox {max-width: calc(100% - 2 * var(--jp-widgets-margin, 2px))}
+.wb-root .js-plotly-plot {width: 100%; min-width: 0}
 .wb-log {max-height: 300px; overflow: auto; font-size: 11px; background: #f7f7f7; padding: 4px}
 </style>"""
 
