@@ -314,7 +314,7 @@ def test_the_layout_fits_its_panels(page, width):
 @pytest.mark.xfail(
     strict=False,
     reason="after a reload anywidget sometimes fails to initialise the plot models ('widget model not found'): "
-    "seen in 2 of 5 runs",
+    "about half of the runs here",
 )
 def test_a_reload_restores_every_plot(page):
     from playwright.sync_api import expect
