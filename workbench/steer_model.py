@@ -204,7 +204,8 @@ class SteerModel(abc.ABC):
         """
         params = self._resolve_sampling(sampling_params, sampling_kwargs)
         token_ids = self._tokenize_prompts(prompts)
-        results = await self._run_prompts(token_ids, params, capture_layers, steering_spec, on_text=on_text)
+        specs = self._per_request_specs(steering_spec, len(token_ids))
+        results = await self._run_prompts(token_ids, params, capture_layers, specs, on_text=on_text)
         texts = [result.raw if raw_output else Completion(result.text, result.nonfinite_layer) for result in results]
         if capture_layers is None:
             return texts
@@ -264,16 +265,16 @@ class SteerModel(abc.ABC):
         token_ids: list[list[int]],
         params: Any,
         capture_layers: Sequence[int] | int | None,
-        steering_spec: Specs,
+        specs: list[SteeringSpec],
         boundaries: Sequence[tuple[MessageBoundary, ...]] | None = None,
         on_text: TextCallback | None = None,
     ) -> list[RequestResult]:
-        """Check a call's prompts, specs and captures, then run its requests concurrently."""
+        """Check a call's prompts and captures, then run its requests (one checked
+        spec each, from ``_per_request_specs``) concurrently."""
         await self._ensure_ready()
         layers = self._capture_layers(capture_layers)
         if layers and self._sample_count(params) != 1:
             raise CaptureError(f"capture needs SamplingParams.n == 1, got n={self._sample_count(params)}")
-        specs = self._per_request_specs(steering_spec, len(token_ids))
         if boundaries is None and any(spec.needs_messages for spec in specs):
             raise SpecError(
                 "this steering targets chat roles or messages (positions='user', a message index, ...): "
