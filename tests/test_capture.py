@@ -5,6 +5,8 @@ CaptureHandle's rules."""
 from __future__ import annotations
 
 import os
+import threading
+import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -79,7 +81,7 @@ def test_rows_of_interleaved_requests_land_in_their_files(tmp_path, threads):
     recorder.step([(0, 4), (0, 2), (0, 3)], layers=(3, 5))  # prefill
     for position in range(4):
         recorder.step([(4 + position, 1), (2 + position, 1), (3 + position, 1)], layers=(3, 5))
-    assert len(list(tmp_path.iterdir())) == 3  # a/3, a/5, b/3: written while generating
+    assert len(list(tmp_path.iterdir())) == 2  # a (layers 3 and 5), b: written while generating
     rows, reply = recorder.fetch(["a", "b"])
     assert reply.errors == {}
     assert torch.equal(rows["a", 3], rows_at(list(range(8))) + 300_000)
@@ -272,19 +274,22 @@ def test_fetched_files_are_recycled_into_later_captures(tmp_path):
     assert torch.equal(rows["a", 3], rows_at(list(range(6))) + 300_000)
     recorder.store._lanes.drain()
     inodes = {os.stat(path).st_ino for path in tmp_path.iterdir()}
-    assert len(inodes) == 3 and not given_back  # the files stay while the tensors live
+    assert len(inodes) == 2 and not given_back  # the files stay while the tensors live
     kept = rows["b", 3][1:3]  # a view keeps its file's memory
+    only_layer_5 = rows["a", 5]  # so does one layer of a capture: its file holds both
     del rows
-    assert len(given_back) == 2
+    assert given_back == []
+    del only_layer_5
+    assert len(given_back) == 1
     del kept
-    assert sorted(Path(path).name for path in given_back) == ["a-3.rows", "a-5.rows", "b-3.rows"]
+    assert sorted(Path(path).name for path in given_back) == ["a-3.rows", "b-3.rows"]
     recorder.store.recycle(given_back)
-    assert recorder.store.stats()["recycled_files"] == 3
+    assert recorder.store.stats()["recycled_files"] == 2
 
     recorder.new_batch([payload("c", tmp_path, capacity=8)])
     recorder.step([(0, 2)])
     recorder.step([(2, 1)])
-    assert recorder.store.stats()["recycled_files"] == 2
+    assert recorder.store.stats()["recycled_files"] == 1
     assert {os.stat(path).st_ino for path in tmp_path.iterdir()} == inodes
     rows = read_reply(recorder.store.fetch(["c"]), HIDDEN)
     assert torch.equal(rows["c", 3], rows_at(list(range(3))) + 300_000)
@@ -298,5 +303,46 @@ def test_the_file_pool_keeps_the_newest_files_within_its_limit(tmp_path):
         files[-1].write_bytes(b"x" * 8192)
     dropped = [old for path in files for old in pool.add(path)]
     assert dropped == files[:2] and len(pool) == 3
-    assert pool.take(tmp_path) == files[2] and pool.take(tmp_path / "elsewhere") is None
+    assert pool.take(tmp_path, 100) == files[2] and pool.take(tmp_path / "elsewhere", 100) is None
     assert pool.add(tmp_path / "gone-3.rows") == [] and len(pool) == 2
+
+
+def test_the_file_pool_gives_the_smallest_file_that_fits_else_the_largest(tmp_path):
+    pool = FilePool(limit=1 << 30)
+    sizes = {"small": 4096, "large": 8 * 4096, "medium": 3 * 4096}
+    for name, size in sizes.items():
+        (tmp_path / f"{name}-0.rows").write_bytes(b"x" * size)
+        pool.add(tmp_path / f"{name}-0.rows")
+    assert pool.take(tmp_path, 2 * 4096).stem == "medium-0"
+    assert pool.take(tmp_path, 9 * 4096).stem == "large-0"
+    assert pool.take(tmp_path, 1).stem == "small-0"
+
+
+@pytest.mark.parametrize("hidden", [8, 6, 5], ids=["16-byte rows", "8-byte rows", "odd rows"])
+def test_row_space_writes_keep_every_bit(tmp_path, hidden):
+    """Rows move as the widest element that divides them; NaN payloads and
+    negative zeros of bfloat16 come out as they went in."""
+    space = RowSpace(hidden, torch.bfloat16, reserved_bytes=1 << 24)
+    window = space.open(tmp_path / "bits.rows", 32)
+    bits = torch.randint(-(2**15), 2**15, (32, hidden), dtype=torch.int16, generator=torch.Generator().manual_seed(0))
+    bits[0, :2] = torch.tensor([0x7FC1, -(2**15)], dtype=torch.int16)  # a NaN with a payload, -0.0
+    destinations = torch.arange(32).flip(0) + window.first_row
+    space.write(destinations, bits.view(torch.bfloat16))
+    assert torch.equal(space.view(window, 32).view(torch.int16), bits.flip(0))
+
+
+def test_a_window_closes_only_after_every_lane_wrote_into_it():
+    """A capture's layers are written by several helper threads; closing its
+    window waits for all of them (unmapped memory must never be written)."""
+    lanes = HostLanes(threads=3)
+    done: list[int] = []
+    gate = threading.Event()
+    lanes.submit(2, None, gate.wait)
+    for lane in range(3):
+        lanes.submit(lane, None, partial(done.append, lane))
+    lanes.after_all(partial(done.append, -1))
+    time.sleep(0.2)
+    assert -1 not in done  # lane 2 is still busy
+    gate.set()
+    lanes.drain()
+    assert done[-1] == -1 and sorted(done[:-1]) == [0, 1, 2]

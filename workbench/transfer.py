@@ -13,6 +13,7 @@ safetensors bytes in the RPC reply instead.
 
 from __future__ import annotations
 
+import collections
 import mmap
 import weakref
 from collections.abc import Callable
@@ -27,29 +28,40 @@ from workbench.wire import FetchReply, RowsKey
 def read_reply(reply: FetchReply, hidden: int, recycle: Callable[[str], None] | None = None) -> dict[RowsKey, Tensor]:
     """The rows of a fetch reply: ``(capture_id, layer)`` -> ``[rows, hidden]``.
 
-    Files are mapped privately (writes to the tensors stay in this process).
-    With ``recycle``, a file stays in the folder and ``recycle(path)`` is
-    called once no tensor views its memory any more (from the thread that
-    dropped the last one), so the worker can write the next capture into
-    the same pages: faulting fresh shared memory in and freeing it again
-    cost more than writing the rows. Without it the file is unlinked at once
-    and its memory lives as long as some view of it does.
+    A capture's file holds all its layers, each at its own offset; it is
+    mapped once, privately (writes to the tensors stay in this process), and
+    every layer's tensor views that one mapping. With ``recycle``, the file
+    stays in the folder and ``recycle(path)`` is called once no tensor views
+    any of its layers (from the thread that dropped the last one), so the
+    worker can write the next capture into the same pages: faulting fresh
+    shared memory in and freeing it again cost more than writing the rows.
+    Without it the file is unlinked at once and its memory lives as long as
+    some view of it does.
     """
     tensors = dict(reply.inline)
     dtype = getattr(torch, reply.dtype)
-    for key, (name, rows) in reply.files.items():
-        if not rows:
-            tensors[key] = torch.empty(0, hidden, dtype=dtype)
+    row_bytes = hidden * dtype.itemsize
+    layers_of: dict[str, list[tuple[RowsKey, int, int]]] = collections.defaultdict(list)
+    for key, (name, rows, offset) in reply.files.items():
+        layers_of[name].append((key, rows, offset))
+    for name, parts in layers_of.items():
+        length = max(offset + rows * row_bytes for _, rows, offset in parts)
+        if length == 0:  # nothing recorded (an mmap cannot be empty)
+            tensors.update({key: torch.empty(0, hidden, dtype=dtype) for key, _, _ in parts})
             _let_go(name, recycle)
             continue
         try:
             with open(name, "rb") as file:
-                memory = mmap.mmap(file.fileno(), rows * hidden * dtype.itemsize, flags=mmap.MAP_PRIVATE)
+                memory = mmap.mmap(file.fileno(), length, flags=mmap.MAP_PRIVATE)
         except BaseException:
             _let_go(name, recycle)
             raise
         # frombuffer keeps `memory` alive for as long as any view of the tensor lives.
-        tensors[key] = torch.frombuffer(memory, dtype=dtype).view(rows, hidden)
+        whole = torch.frombuffer(memory, dtype=dtype)
+        for key, rows, offset in parts:
+            first = offset // dtype.itemsize
+            tensors[key] = whole[first : first + rows * hidden].view(rows, hidden)
+        del whole
         if recycle is None:
             Path(name).unlink(missing_ok=True)
         else:

@@ -220,8 +220,9 @@ class FetchReply:
 
     dtype: str
     """torch dtype name of the rows (e.g. ``bfloat16``)."""
-    files: dict[RowsKey, tuple[str, int]] = field(default_factory=dict)
-    """Rows handed over as files in the client's hand-off folder: path and row count."""
+    files: dict[RowsKey, tuple[str, int, int]] = field(default_factory=dict)
+    """Rows handed over as files in the client's hand-off folder: path, row
+    count, and byte offset of the first row (one file holds every layer of a capture)."""
     inline: dict[RowsKey, Tensor] = field(default_factory=dict)
     """Rows of captures whose files the client cannot see (a worker on another host)."""
     errors: dict[str, str] = field(default_factory=dict)
@@ -230,7 +231,7 @@ class FetchReply:
     def to_wire(self) -> dict[str, Any]:
         reply: dict[str, Any] = {
             "dtype": self.dtype,
-            "files": {_key_text(key): [path, rows] for key, (path, rows) in self.files.items()},
+            "files": {_key_text(key): list(place) for key, place in self.files.items()},
             "errors": dict(self.errors),
         }
         if self.inline:
@@ -242,7 +243,9 @@ class FetchReply:
         inline = load_tensors(reply["data"]) if "data" in reply else {}
         return cls(
             dtype=reply["dtype"],
-            files={_key_of(key): (path, int(rows)) for key, (path, rows) in reply["files"].items()},
+            files={
+                _key_of(key): (name, int(rows), int(offset)) for key, (name, rows, offset) in reply["files"].items()
+            },
             inline={_key_of(key): rows for key, rows in inline.items()},
             errors=dict(reply["errors"]),
         )

@@ -1,18 +1,18 @@
 """The rank-0 worker's captures in progress: which rows of a step belong to
 which capture, and writing them into the captures' files.
 
-After every step, ``CaptureStore.record`` works out, with a few numpy
-operations over the step's rows, where each captured row goes in
-``RowSpace.rows`` (its capture's file at its position; scratch for rows
-nobody keeps), and hands the rows to ``HostLanes``. Positions make
+After every step, ``CaptureStore.record`` works out, with one numpy
+operation over the step's rows and captured layers, where each captured row
+goes in ``RowSpace.rows`` (its layer's block of its capture's file, at its
+position; scratch for rows nobody keeps), and hands the rows to ``HostLanes``. Positions make
 recomputation (vLLM re-running a preempted request) overwrite the same rows;
 a request that jumps past rows it never computed is reported at fetch.
 
 On CUDA the step's rows are first copied to pinned host memory on a side
 stream (``HostStaging``; a synchronous copy would stall vLLM's overlap of
-CPU work with the GPU) and a helper thread writes them into the files once
-the copy has landed, so the page faults of fresh shared memory never hold
-up the model's thread. On CPU the rows are written in place before the next
+CPU work with the GPU) and helper threads write them into the files once
+the copy has landed, each a run of neighbouring layers, so the page faults
+of fresh shared memory never hold up the model's thread. On CPU the rows are written in place before the next
 step reuses the buffers. Files the client gives back after a fetch are
 written into again by later captures (``FilePool``).
 """
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import queue
 import tempfile
 import threading
@@ -36,7 +37,7 @@ from torch import Tensor
 
 from workbench.errors import CaptureError
 from workbench.runtime.capture_space import RowSpace, Window
-from workbench.wire import CaptureRequest, FetchReply, make_handoff_folder
+from workbench.wire import SHARED_MEMORY, CaptureRequest, FetchReply, make_handoff_folder
 
 logger = logging.getLogger(__name__)
 
@@ -46,14 +47,30 @@ RELEASE_GRACE_STEPS = 4
 MAX_QUEUED_JOBS = 64
 """Jobs a helper thread may lag behind before the model's thread waits for it."""
 
-WRITER_THREADS = 4
-"""Helper threads on CUDA: fresh shared memory costs a page fault per 4 KiB
-written, so one thread manages ~1-2 GB/s; captured layers are spread over
-the threads (a layer always goes to the same one, keeping its writes in order)."""
+
+def writer_threads() -> int:
+    """Helper threads on CUDA: fresh shared memory costs a page fault per 4 KiB
+    written, so one thread manages ~1-2 GB/s, and capturing every layer of
+    an 8B model at full speed is ~4-6 GB/s. Half the cores, 2 to 8: the rest
+    run vLLM. Captured layers are spread over the threads in runs of
+    neighbours (a layer always goes to the same one, keeping its writes in order)."""
+    return min(8, max(2, (os.cpu_count() or 4) // 2))
 
 
-RECYCLED_BYTES = 4 << 30
-"""Shared memory kept in capture files the client gave back, for later captures to write into."""
+RECYCLED_SHARE = 0.5
+"""Share of the shared-memory filesystem that files the client gave back may
+keep, for later captures to write into (4 GiB where there is none). Files
+enter the pool only after a capture used them, so in practice it holds at
+most the most that captures held at once; a workload that captures the same
+amount run after run then writes only into pages that exist."""
+
+
+def recycled_limit(folder: Path = SHARED_MEMORY) -> int:
+    try:
+        stats = os.statvfs(folder)
+    except OSError:
+        return 4 << 30
+    return int(stats.f_blocks * stats.f_frsize * RECYCLED_SHARE)
 
 
 class FilePool:
@@ -95,22 +112,27 @@ class FilePool:
         """Shared memory the kept files hold."""
         return self._bytes
 
-    def take(self, folder: Path) -> Path | None:
+    def take(self, folder: Path, nbytes: int) -> Path | None:
+        """A kept file of ``folder`` for ``nbytes``: the smallest that holds
+        them, else the largest (its pages still serve the start), oldest first."""
         files = self._files.get(folder)
         if not files:
             return None
-        path, size = files.popleft()
-        self._bytes -= size
-        return path
+        fits = [entry for entry in files if entry[1] >= nbytes]
+        entry = min(fits, key=lambda e: e[1]) if fits else max(files, key=lambda e: e[1])
+        files.remove(entry)
+        self._bytes -= entry[1]
+        return entry[0]
 
 
 def _file_name(capture_id: str, layer: int) -> str:
-    """Name of a capture's file for one layer (``_layer_of`` reads the layer back)."""
+    """Name of a capture's file, after the first layer it holds (``_layer_of``
+    reads it back: a pipeline stage keeps only files of its own layers)."""
     return f"{capture_id}-{layer}.rows"
 
 
 def _layer_of(path: Path) -> int:
-    """The layer of a capture file named by ``_file_name``."""
+    """The first layer of a capture file named by ``_file_name``."""
     return int(path.stem.rsplit("-", 1)[1])
 
 
@@ -135,6 +157,25 @@ class HostLanes:
             return
         self._raise_error()
         self._queues[key % len(self._queues)].put((ready, job))
+
+    def after_all(self, job: Callable[[], None]) -> None:
+        """Run ``job`` once every lane has run the jobs submitted before it."""
+        if not self._queues:
+            job()
+            return
+        self._raise_error()
+        remaining = [len(self._queues)]
+        lock = threading.Lock()
+
+        def arrive() -> None:
+            with lock:
+                remaining[0] -= 1
+                last = remaining[0] == 0
+            if last:
+                job()
+
+        for jobs in self._queues:
+            jobs.put((None, arrive))
 
     def drain(self) -> None:
         """Return once every submitted job has run."""
@@ -166,10 +207,15 @@ class HostLanes:
 
 @dataclass
 class CaptureRecord:
-    """One capture: its file per layer, and whether the client sees those files."""
+    """One capture: its file (a block of rows per layer), and whether the client sees it."""
 
     capture_id: str
-    windows: dict[int, Window]
+    window: Window | None
+    """None when this worker holds none of its layers (another pipeline stage does)."""
+    layers: tuple[int, ...]
+    """This worker's captured layers, in the order of their blocks in the file."""
+    capacity: int
+    """Rows of each layer's block."""
     index: int
     """Row of the store's bookkeeping arrays."""
     inline: bool
@@ -185,9 +231,13 @@ class _BatchPlan:
     indices: np.ndarray
     """Their records' bookkeeping rows."""
     capacity: np.ndarray
-    """Rows each place's files hold (0 for places not recorded)."""
-    first_rows: dict[int, np.ndarray]
-    """Layer -> each place's file's first row in ``RowSpace.rows`` (-1: not captured there)."""
+    """Rows each place's blocks hold (0 for places not recorded)."""
+    layers: tuple[int, ...]
+    """Layers some recorded request captures here, ascending."""
+    first_rows: np.ndarray
+    """``[layer, place]``: first row in ``RowSpace.rows`` of that place's block for that layer (-1: not captured)."""
+    lane_runs: tuple[tuple[int, slice], ...]
+    """Runs of neighbouring ``layers`` that share a helper thread: (lane, slice of ``layers``)."""
     blocked: tuple[str, ...]
     """Fetched or released captures whose requests are still running: blocked while they run."""
 
@@ -209,8 +259,12 @@ class CaptureStore:
         self.dtype = dtype
         self.device = device
         self._space: RowSpace | None = None
-        self._lanes = HostLanes(threads if threads is not None else WRITER_THREADS if device.type == "cuda" else 0)
+        threads = threads if threads is not None else writer_threads() if device.type == "cuda" else 0
+        self._lanes = HostLanes(threads)
         """Helper threads writing rows (CUDA); none on CPU, where they must be in place before the next step."""
+        ordered = sorted(layers)
+        self._lane_of = {layer: place * max(threads, 1) // len(ordered) for place, layer in enumerate(ordered)}
+        """Layer -> helper thread: neighbouring layers share one, so a step's rows of a run of layers are one copy."""
         self._private: tempfile.TemporaryDirectory[str] | None = None
         """Files of clients this worker cannot see (another host) go here, and travel inline."""
         self._records: dict[str, CaptureRecord] = {}
@@ -222,7 +276,7 @@ class CaptureStore:
         self._free_indices = list(range(63, -1, -1))
         self._plan: _BatchPlan | None = None
         self._staging = HostStaging() if device.type == "cuda" else None
-        self._pool = FilePool(RECYCLED_BYTES)
+        self._pool = FilePool(recycled_limit())
 
     @property
     def space(self) -> RowSpace:
@@ -253,7 +307,7 @@ class CaptureStore:
             plan = self._plan = self._make_plan(key, captures, capturing)
         for capture_id in plan.blocked:
             self._released[capture_id] = RELEASE_GRACE_STEPS
-        if not plan.first_rows:  # nobody records, or only layers of other pipeline stages
+        if not plan.layers:  # nobody records, or only layers of other pipeline stages
             return
         starts = step.starts
         counts = np.diff(starts)
@@ -261,20 +315,19 @@ class CaptureStore:
         low, high = int(starts[first_place]), int(starts[last_place + 1])
         row_place = np.repeat(np.arange(first_place, last_place + 1), counts[first_place : last_place + 1])
         position = step.computed[row_place] + np.arange(low, high) - starts[row_place]
-        kept = position < plan.capacity[row_place]
-
-        pairs = {}
-        for layer, first_rows in plan.first_rows.items():
-            first = first_rows[row_place]
-            destinations = np.where(kept & (first >= 0), first + position, self.space.scratch_row)
-            pairs[layer] = (buffers[layer][low:high], torch.from_numpy(destinations))
+        first = plan.first_rows[:, row_place]
+        kept = (position < plan.capacity[row_place]) & (first >= 0)
+        destinations = torch.from_numpy(np.where(kept, first + position, self.space.scratch_row))
         self._book(plan, step.computed[plan.places], counts[plan.places])
-        ready = None
-        if self._staging is not None:
-            pairs, ready = self._staging.stage(pairs)
-        rows = self.space.rows
-        for layer, (source, destinations) in pairs.items():
-            self._lanes.submit(layer, ready, partial(rows.index_copy_, 0, destinations, source))
+        sources = [buffers[layer][low:high] for layer in plan.layers]
+        write = self.space.write
+        if self._staging is None:
+            for place, layer in enumerate(plan.layers):
+                self._lanes.submit(self._lane_of[layer], None, partial(write, destinations[place], sources[place]))
+            return
+        host, ready = self._staging.stage(sources)
+        for lane, run in plan.lane_runs:
+            self._lanes.submit(lane, ready, partial(write, destinations[run].flatten(), host[run].flatten(0, 1)))
 
     def _book(self, plan: _BatchPlan, first: np.ndarray, count: np.ndarray) -> None:
         """Update rows held; a chunk starting past them, or past a file's end, leaves rows missing."""
@@ -291,9 +344,8 @@ class CaptureStore:
         self._num_rows[indices] = np.minimum(end, capacity)
 
     def _make_plan(self, key: object, captures: list[CaptureRequest | None], capturing: list[int]) -> _BatchPlan:
-        places, indices, blocked = [], [], []
+        records, places, blocked = [], [], []
         capacity = np.zeros(len(captures), dtype=np.int64)
-        first_rows: dict[int, np.ndarray] = {}
         for place in capturing:
             capture = captures[place]
             assert capture is not None
@@ -304,16 +356,30 @@ class CaptureStore:
             if record is None:
                 continue
             places.append(place)
-            indices.append(record.index)
+            records.append(record)
             capacity[place] = capture.capacity
-            for layer, window in record.windows.items():
-                first_rows.setdefault(layer, np.full(len(captures), -1, dtype=np.int64))[place] = window.first_row
+        layers = tuple(sorted({layer for record in records if record.window for layer in record.layers}))
+        row_of = {layer: row for row, layer in enumerate(layers)}
+        first_rows = np.full((len(layers), len(captures)), -1, dtype=np.int64)
+        for place, record in zip(places, records):
+            if record.window is not None:
+                for block, layer in enumerate(record.layers):
+                    first_rows[row_of[layer], place] = record.window.first_row + block * record.capacity
+        runs: list[tuple[int, slice]] = []
+        for row, layer in enumerate(layers):
+            lane = self._lane_of[layer]
+            if runs and runs[-1][0] == lane:
+                runs[-1] = (lane, slice(runs[-1][1].start, row + 1))
+            else:
+                runs.append((lane, slice(row, row + 1)))
         return _BatchPlan(
             key,
             np.array(places, dtype=np.int64),
-            np.array(indices, dtype=np.int64),
+            np.array([record.index for record in records], dtype=np.int64),
             capacity,
+            layers,
             first_rows,
+            tuple(runs),
             tuple(blocked),
         )
 
@@ -329,13 +395,13 @@ class CaptureStore:
             folder, inline = Path(self._private.name), True
         else:
             inline = False
-        windows: dict[int, Window] = {}
+        layers = tuple(sorted(layer for layer in set(capture.layers) if layer in self.layers))
+        window = None
         try:
-            for layer in (layer for layer in capture.layers if layer in self.layers):
-                windows[layer] = self._open_file(folder, _file_name(capture_id, layer), capture.capacity)
+            if layers:
+                name = _file_name(capture_id, layers[0])
+                window = self._open_file(folder, name, capture.capacity * len(layers))
         except OSError as error:  # RowSpaceError included
-            for window in windows.values():
-                self.space.close(window, unlink=True)
             self._failed[capture_id] = f"its rows could not be stored: {error}"
             logger.warning("capture %s: %s", capture_id, self._failed[capture_id])
             return None
@@ -344,12 +410,13 @@ class CaptureStore:
         index = self._free_indices.pop()
         self._num_rows[index] = 0
         self._missing_from[index] = -1
-        record = self._records[capture_id] = CaptureRecord(capture_id, windows, index, inline)
+        record = CaptureRecord(capture_id, window, layers, capture.capacity, index, inline)
+        self._records[capture_id] = record
         return record
 
     def _open_file(self, folder: Path, name: str, capacity: int) -> Window:
         """A window on a new file, written into the pages of a recycled one where there is one."""
-        reuse = self._pool.take(folder)
+        reuse = self._pool.take(folder, capacity * self.space.row_bytes)
         if reuse is not None:
             try:
                 return self.space.open(folder / name, capacity, reuse)
@@ -381,25 +448,30 @@ class CaptureStore:
             missing = int(self._missing_from[record.index])
             if missing >= 0:
                 reply.errors[capture_id] = f"rows from {missing} on were never recorded (vLLM skipped or exceeded them)"
-            for layer, window in record.windows.items():
-                handed_over = missing < 0 and not record.inline
+            window = record.window
+            if window is None:
+                continue
+            handed_over = missing < 0 and not record.inline
+            for block, layer in enumerate(record.layers):
                 if handed_over:
-                    reply.files[capture_id, layer] = (str(window.path), rows)
+                    offset = block * record.capacity * self.space.row_bytes
+                    reply.files[capture_id, layer] = (str(window.path), rows, offset)
                 elif missing < 0:
-                    reply.inline[capture_id, layer] = self.space.view(window, rows).clone()
-                self._close(layer, window, unlink=not handed_over)
+                    reply.inline[capture_id, layer] = self.space.view(window, rows, block * record.capacity).clone()
+            self._close(window, unlink=not handed_over)
         return reply
 
     def release(self, capture_ids: list[str]) -> None:
         for _, record in self._take(capture_ids, {}):
-            for layer, window in record.windows.items():
-                self._close(layer, window, unlink=True)
+            if record.window is not None:
+                self._close(record.window, unlink=True)
 
-    def _close(self, layer: int, window: Window, unlink: bool) -> None:
-        """Unmap a window once the writes queued for it are done. Unmapping
-        hundreds of MB of touched pages takes ~25 ms per 400 MB, so on CUDA a
-        helper thread does it after the reply has gone."""
-        self._lanes.submit(layer, None, partial(self.space.close, window, unlink))
+    def _close(self, window: Window, unlink: bool) -> None:
+        """Unmap a window once the writes queued for it are done (on any
+        helper thread: its layers' rows may be on several). Unmapping hundreds
+        of MB of touched pages takes ~25 ms per 400 MB, so on CUDA a helper
+        thread does it after the reply has gone."""
+        self._lanes.after_all(partial(self.space.close, window, unlink))
 
     def _take(self, capture_ids: list[str], errors: dict[str, str]) -> list[tuple[str, CaptureRecord]]:
         """Remove these captures from the store (blocked for a grace period)."""
@@ -454,9 +526,10 @@ class HostStaging:
     def __init__(self) -> None:
         self.stream = torch.cuda.Stream()
 
-    def stage(self, pairs: dict[int, tuple[Tensor, Tensor]]) -> tuple[dict[int, tuple[Tensor, Tensor]], Any]:
-        """Pinned host copies of each layer's rows, and an event that says when they have landed."""
-        gathered = torch.stack([rows for rows, _ in pairs.values()])
+    def stage(self, sources: list[Tensor]) -> tuple[Tensor, Any]:
+        """A pinned host copy of the layers' rows (``[layer, row, hidden]``)
+        and an event that says when it has landed."""
+        gathered = torch.stack(sources)
         self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream):
             host = torch.empty(gathered.shape, dtype=gathered.dtype, pin_memory=True)
@@ -464,5 +537,4 @@ class HostStaging:
             gathered.record_stream(self.stream)  # keep its memory until the copy is done
             ready = torch.cuda.Event()
             ready.record(self.stream)
-        staged = {layer: (host[i], destinations) for i, (layer, (_, destinations)) in enumerate(pairs.items())}
-        return staged, ready
+        return host, ready
