@@ -307,15 +307,19 @@ def test_the_file_pool_keeps_the_newest_files_within_its_limit(tmp_path):
     assert pool.add(tmp_path / "gone-3.rows") == [] and len(pool) == 2
 
 
-def test_the_file_pool_gives_the_smallest_file_that_fits_else_the_largest(tmp_path):
+def test_the_file_pool_gives_files_within_a_factor_of_two_of_the_size_asked(tmp_path):
+    """The smallest file that holds the rows, else the largest holding half of
+    them; a capture never takes a file more than twice its size (or half)."""
     pool = FilePool(limit=1 << 30)
-    sizes = {"small": 4096, "large": 8 * 4096, "medium": 3 * 4096}
+    sizes = {"small": 4096, "large": 8 * 4096, "medium": 3 * 4096, "huge": 64 * 4096}
     for name, size in sizes.items():
         (tmp_path / f"{name}-0.rows").write_bytes(b"x" * size)
         pool.add(tmp_path / f"{name}-0.rows")
     assert pool.take(tmp_path, 2 * 4096).stem == "medium-0"
     assert pool.take(tmp_path, 9 * 4096).stem == "large-0"
-    assert pool.take(tmp_path, 1).stem == "small-0"
+    assert pool.take(tmp_path, 1).stem == "small-0"  # files hold whole pages
+    assert pool.take(tmp_path, 4096) is None and pool.take(tmp_path, 256 * 4096) is None
+    assert pool.take(tmp_path, 40 * 4096).stem == "huge-0" and len(pool) == 0
 
 
 @pytest.mark.parametrize("hidden", [8, 6, 5], ids=["16-byte rows", "8-byte rows", "odd rows"])

@@ -14,6 +14,7 @@ safetensors bytes in the RPC reply instead.
 from __future__ import annotations
 
 import collections
+import itertools
 import mmap
 import weakref
 from collections.abc import Callable
@@ -58,15 +59,31 @@ def read_reply(reply: FetchReply, hidden: int, recycle: Callable[[str], None] | 
             raise
         # frombuffer keeps `memory` alive for as long as any view of the tensor lives.
         whole = torch.frombuffer(memory, dtype=dtype)
-        for key, rows, offset in parts:
-            first = offset // dtype.itemsize
-            tensors[key] = whole[first : first + rows * hidden].view(rows, hidden)
+        tensors.update(_layer_views(whole, parts, hidden))
         del whole
         if recycle is None:
             Path(name).unlink(missing_ok=True)
         else:
             weakref.finalize(memory, recycle, name).atexit = False
     return tensors
+
+
+def _layer_views(whole: Tensor, parts: list[tuple[RowsKey, int, int]], hidden: int) -> dict[RowsKey, Tensor]:
+    """``[rows, hidden]`` views of ``whole`` at each part's byte offset. The
+    blocks of a capture's layers are evenly spaced with equal row counts: then
+    one ``unbind`` makes every view (slicing each in Python cost ~13 us, 0.1 s
+    for 32 layers of 256 requests)."""
+    parts = sorted(parts, key=lambda part: part[2])
+    firsts = [offset // whole.element_size() for _, _, offset in parts]
+    counts = {count for _, count, _ in parts}
+    strides = {later - earlier for earlier, later in itertools.pairwise(firsts)}
+    if len(counts) == 1 and len(strides) == 1 and min(strides) > 0:
+        shape, stride = (len(parts), counts.pop(), hidden), (strides.pop(), hidden, 1)
+        blocks = whole.as_strided(shape, stride, firsts[0]).unbind(0)
+        return {key: block for (key, _, _), block in zip(parts, blocks)}
+    return {
+        key: whole[first : first + rows * hidden].view(rows, hidden) for (key, rows, _), first in zip(parts, firsts)
+    }
 
 
 def _let_go(name: str, recycle: Callable[[str], None] | None) -> None:

@@ -143,8 +143,10 @@ class RowSpace:
 
     def open(self, path: Path, capacity: int, reuse: Path | None = None) -> Window:
         """Create ``path`` sized for ``capacity`` rows and map it into the range.
-        With ``reuse``, that file (pages and all) is renamed to ``path`` instead;
-        ``FileNotFoundError`` if it is gone."""
+        With ``reuse``, that file (pages and all) is renamed to ``path`` instead
+        and grown if it is smaller (a larger one keeps its size: shrinking it
+        would free pages on the model's thread, which a later capture may
+        want); ``FileNotFoundError`` if it is gone."""
         units = max(1, -(-capacity // self.rows_per_unit))
         size = capacity * self.row_bytes
         if reuse is not None:
@@ -162,7 +164,8 @@ class RowSpace:
                     f"no address space left for a {capacity}-row capture ({units * self.unit_bytes} bytes); "
                     "fetch or close captures, or capture fewer requests at once"
                 )
-            os.ftruncate(fd, size)
+            if os.fstat(fd).st_size < size:
+                os.ftruncate(fd, size)
             address = self._base + start * self.unit_bytes
             _mmap(address, units * self.unit_bytes, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED | _MAP_FIXED, fd)
         except BaseException:
