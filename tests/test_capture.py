@@ -77,13 +77,16 @@ def payload(capture_id: str, folder: Path | None, layers=(3,), capacity: int = 1
 
 @pytest.mark.parametrize("threads", [0, 2], ids=["in place", "helper threads"])
 def test_rows_of_interleaved_requests_land_in_their_files(tmp_path, threads):
-    recorder = Recorder([payload("a", tmp_path, (3, 5)), None, payload("b", tmp_path)], threads)
-    recorder.step([(0, 4), (0, 2), (0, 3)], layers=(3, 5))  # prefill
+    # With two helper threads, layers 0-3 go to one and 4-7 to the other: a's rows of
+    # layers 2 and 3 are written as one copy.
+    recorder = Recorder([payload("a", tmp_path, (5, 2, 3)), None, payload("b", tmp_path)], threads)
+    recorder.step([(0, 4), (0, 2), (0, 3)], layers=(2, 3, 5))  # prefill
     for position in range(4):
-        recorder.step([(4 + position, 1), (2 + position, 1), (3 + position, 1)], layers=(3, 5))
-    assert len(list(tmp_path.iterdir())) == 2  # a (layers 3 and 5), b: written while generating
+        recorder.step([(4 + position, 1), (2 + position, 1), (3 + position, 1)], layers=(2, 3, 5))
+    assert len(list(tmp_path.iterdir())) == 2  # a (layers 2, 3 and 5), b: written while generating
     rows, reply = recorder.fetch(["a", "b"])
     assert reply.errors == {}
+    assert torch.equal(rows["a", 2], rows_at(list(range(8))) + 200_000)
     assert torch.equal(rows["a", 3], rows_at(list(range(8))) + 300_000)
     assert torch.equal(rows["a", 5], rows_at(list(range(8))) + 500_000)
     assert torch.equal(rows["b", 3], rows_at(list(range(7)), 2000.0) + 300_000)

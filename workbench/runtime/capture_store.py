@@ -165,6 +165,10 @@ class HostLanes:
             self._queues.append(jobs)
             threading.Thread(target=self._run, args=(jobs,), name=f"workbench-rows-{lane}", daemon=True).start()
 
+    @property
+    def threads(self) -> int:
+        return len(self._queues)
+
     def submit(self, key: int, ready: Any, job: Callable[[], None]) -> None:
         """Run ``job`` after the earlier jobs of the same ``key``."""
         if not self._queues:
@@ -336,11 +340,12 @@ class CaptureStore:
         self._book(plan, step.computed[plan.places], counts[plan.places])
         sources = [buffers[layer][low:high] for layer in plan.layers]
         write = self.space.write
-        if self._staging is None:
-            for place, layer in enumerate(plan.layers):
-                self._lanes.submit(self._lane_of[layer], None, partial(write, destinations[place], sources[place]))
+        if not self._lanes.threads:  # in place, straight from the capture buffers
+            for layer_destinations, source in zip(destinations, sources):
+                write(layer_destinations, source)
             return
-        host, ready = self._staging.stage(sources)
+        # Helper threads get a copy the next step cannot overwrite (on CUDA, in pinned host memory).
+        host, ready = self._staging.stage(sources) if self._staging else (torch.stack(sources), None)
         for lane, run in plan.lane_runs:
             self._lanes.submit(lane, ready, partial(write, destinations[run].flatten(), host[run].flatten(0, 1)))
 
