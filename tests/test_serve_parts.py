@@ -35,7 +35,7 @@ from workbench.capture_file import CaptureChoice, CaptureFile
 from workbench.engine_link import FetchedRows
 from workbench.serve.captures import CaptureRegistry, chat_source
 from workbench.serve.middleware import SteeringMiddleware
-from workbench.serve.request_fields import ModelShape, parse_capture_layers, parse_steering
+from workbench.serve.request_fields import ModelShape, RecentSpecs, parse_capture_layers, parse_steering
 from workbench.serve.spec_store import SpecStore
 from workbench.serve.steering import TICKET_KEY, Ticket
 from workbench.vector_library import VectorLibrary
@@ -272,7 +272,7 @@ def app(store):
         if body.get("stream"):
 
             async def events():
-                yield 'data: {"choices": [{"index": 0, "text": "a", "finish_reason": null}]}\n\n'
+                yield 'data: {"choices":[{"index":0,"text":"a","finish_reason":null}]}\n\n'  # as vLLM writes it
                 yield 'data: {"choices": [{"index": 0, "text": "b", "finish_reason": "length"}]}\n\n'
                 yield "data: [DONE]\n\n"
 
@@ -303,7 +303,7 @@ def test_the_middleware_hands_vllm_a_ticket_and_annotates_the_reply(app):
     assert app.state.steering.closed == ["t0"]
     streamed = client.post("/v1/completions", json={"prompt": "Hi", "stream": True, "steering": spec.to_dict()})
     events = [line for line in streamed.text.split("\n\n") if line]
-    assert "nonfinite_layer" not in json.loads(events[0][6:])["choices"][0]
+    assert events[0] == 'data: {"choices":[{"index":0,"text":"a","finish_reason":null}]}'  # passed through as is
     assert json.loads(events[1][6:])["choices"][0]["nonfinite_layer"] == 7 and events[2] == "data: [DONE]"
 
 
@@ -434,3 +434,17 @@ def test_the_remote_client_needs_no_vllm():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_recent_specs_parse_equal_content_once_and_keep_the_newest(store):
+    specs = RecentSpecs(size=2)
+    values = [SteeringSpec({layer: LayerSteeringSpec(add=AddSpec(vector(4)))}).to_dict("base64") for layer in range(3)]
+    first = specs.parse(values[0], MODEL, store)
+    assert specs.parse(json.loads(json.dumps(values[0])), MODEL, store) is first  # same content, new objects
+    specs.parse(values[1], MODEL, store)
+    specs.parse(values[2], MODEL, store)  # evicts values[0], the least recently used
+    assert specs.parse(values[0], MODEL, store) is not first and specs.parse(values[0], MODEL, store) == first
+    scaled = json.loads(json.dumps(values[1]))
+    scaled["layers"]["1"]["add"]["scale"] = True  # equal to 1 in Python, not in JSON
+    with pytest.raises(SpecError):
+        specs.parse(scaled, MODEL, store)

@@ -364,7 +364,9 @@ async def extract(
 
 
 def _take_block(prompt_id: int, handle: CaptureHandle, positions: str, nonfinite_layer: int | None) -> _Block:
-    """Copies of the kept rows of a fetched handle (its shared memory is freed right after)."""
+    """The kept rows of a fetched handle, as views of its capture's memory:
+    they hold it (the handle is closed right after) until the shard is
+    written, where ``torch.cat`` copies them once."""
     prompt_tokens = len(handle.prompt_token_ids)
     start, end = select_rows(positions, prompt_tokens, handle.expected_rows)
     return _Block(
@@ -374,5 +376,5 @@ def _take_block(prompt_id: int, handle: CaptureHandle, positions: str, nonfinite
         generated_token_ids=list(handle.generated_token_ids),
         messages=[asdict(boundary) for boundary in handle.message_boundaries],
         nonfinite_layer=nonfinite_layer,
-        rows={layer: handle.hidden(layer)[start:end].clone() for layer in handle.layer_indices},
+        rows={layer: handle.hidden(layer)[start:end] for layer in handle.layer_indices},
     )

@@ -104,6 +104,8 @@ def as_direction(value: Any, name: str) -> Tensor:
 
 
 def _finite(value: Any, name: str) -> float:
+    if isinstance(value, (bool, str, bytes)):  # float() takes these; as a scale they are mistakes
+        raise SpecError(f"{name} must be a number, got {value!r}")
     try:
         number = float(value)
     except (TypeError, ValueError) as exc:

@@ -56,16 +56,14 @@ class NonfiniteWatch:
         else:
             host, ready = self.marks[:rows].clone(), None
         self._pending.append(_StepMarks(host, ready, starts, tags))
-        self.collect(wait=False)
+        self.collect()
 
-    def collect(self, wait: bool) -> None:
-        """Read the marks that have landed (all of them with ``wait``)."""
+    def collect(self) -> None:
+        """Read the marks that have landed."""
         while self._pending:
             step = self._pending[0]
-            if step.ready is not None and not wait and not step.ready.query():
+            if step.ready is not None and not step.ready.query():
                 return
-            if step.ready is not None:
-                step.ready.synchronize()
             self._pending.popleft()
             marks = step.host.numpy()
             broken = np.flatnonzero(marks != NO_LAYER)
@@ -83,6 +81,12 @@ class NonfiniteWatch:
             self._found.popitem(last=False)
 
     def take(self, tags: list[str]) -> dict[str, int]:
-        """The lowest broken layer of each of these requests that had one, forgotten afterwards."""
-        self.collect(wait=True)
+        """The lowest broken layer of each of these requests that had one, forgotten afterwards.
+
+        Marks still being copied are not waited for: the client asks once it
+        has a request's last token, which the GPU produced after the copy of
+        that step's marks (same stream), so those have landed; waiting for
+        the steps since would stall the engine's pipeline at every call.
+        """
+        self.collect()
         return {tag: self._found.pop(tag) for tag in tags if tag in self._found}
