@@ -69,7 +69,8 @@ def round_spread(result: dict, name: str) -> str:
 
 
 def serve_table(result: dict) -> str:
-    rows = ["| configuration | tok/s | vs plain | TTFT mean | TTFT p99 |", "| --- | ---: | ---: | ---: | ---: |"]
+    base = "plain" if result.get("ratios_to", "plain vllm serve") == "plain vllm serve" else "unsteered"
+    rows = [f"| configuration | tok/s | vs {base} | TTFT mean | TTFT p99 |", "| --- | ---: | ---: | ---: | ---: |"]
     for name, row in result["configurations"].items():
         rows.append(
             f"| {name} | {row['median_tok_per_s']:,.0f} | {result['ratio_to_plain'][name]:.3f} "
@@ -88,6 +89,8 @@ def main() -> None:
     capture = load("2026-12-04-nvidia-h200-0c60e37-capture.json")
     serve = load("2026-12-04-nvidia-h200-0c60e37-serve-gpu.json")
     sw = serve["workload"]
+    serve_after = load("2026-12-04-nvidia-h200-a453470-serve-gpu.json")
+    steered_after = serve_after["configurations"]["workbench serve, 16 distinct specs"]
     all_layers = next(name for name in capture["median_tok_per_s"] if name.startswith("capture all"))
     template = (HERE / "README.template.md").read_text()
     text = template.format(
@@ -135,6 +138,10 @@ def main() -> None:
         ),
         serve_table=serve_table(serve),
         serve_equal=serve["unsteered_outputs_equal_plain"],
+        serve_after_workload=f"same load, {serve_after['workload']['rounds']} rounds, commit {serve_after['commit']}",
+        serve_after_table=serve_table(serve_after),
+        serve_after_ratio=f"{serve_after['ratio_to_plain']['workbench serve, 16 distinct specs']:.2f}",
+        serve_after_ttft=f"{steered_after['ttft_mean_s'] * 1000:.0f}",
     )
     (HERE / "README.md").write_text(text)
 

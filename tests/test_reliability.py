@@ -360,10 +360,10 @@ async def test_a_capture_reuses_closed_files_and_never_touches_live_ones(model):
     closed.close()
     gc.collect()
     pooled = (await drained_stats(model))["recycled_files"]
-    assert pooled >= 2
+    assert pooled >= 1  # the closed capture's file (one per capture, holding both layers)
     _, (again,) = await model.generate(PROMPTS[1], greedy(6), capture_layers=[2, 7])
     await model.fetch_captures_batch([again])
-    assert (await model.worker_stats())[0]["recycled_files"] == pooled - 2
+    assert (await model.worker_stats())[0]["recycled_files"] == pooled - 1
     assert {path.stat().st_ino for path in folder.iterdir()} <= files  # written into kept pages
     for layer in (2, 7):
         assert torch.equal(kept.hidden(layer), before[layer])
