@@ -195,7 +195,7 @@ class SteeringRow:
         self.set_vector_options(editor.library.names(), state.vector)
         self.box = w.VBox(
             [
-                w.HBox([self.enabled, self.layer, self.op, self.positions, remove]),
+                w.HBox([self.enabled, self.layer, self.op, self.positions, remove], layout={"flex_flow": "row wrap"}),
                 w.HBox([self.vector, self.seed, self.norm], layout={"align_items": "center"}),
                 self.scale.box,
                 self.cap_min.box,
