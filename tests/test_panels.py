@@ -25,6 +25,7 @@ from workbench import (
 from workbench.notebook import RowState, Workbench, get_engine, shutdown_engine
 from workbench.notebook.conversation import BASELINE, STEERED, STOPPED, Conversation
 from workbench.notebook.editor import rows_to_spec
+from workbench.notebook.plot_widget import PlotWidget, plotly_bundle
 from workbench.notebook.residual_norms import cache_path, typical_norms
 from workbench.notebook.sweep_panel import explain_row, parse_scales, sweep_prompt
 from workbench.notebook.widgets import NumberEntry
@@ -68,6 +69,20 @@ def test_rows_to_spec_refuses_what_it_cannot_apply_as_typed(tmp_path):
         rows_to_spec([RowState(layer=1, op="projection_cap", cap_min=3.0, cap_max=1.0)], 6, library)
     one_sided = rows_to_spec([RowState(layer=1, op="projection_cap", cap_min=None, cap_max=2.0)], 6, library)
     assert (one_sided.layers[1].projection_cap.min, one_sided.layers[1].projection_cap.max) == (None, 2.0)
+
+
+def test_plot_widgets_share_one_copy_of_plotlys_code():
+    figure = go.Figure(go.Scatter(y=[1, 3, 2]))
+    first, second = PlotWidget(figure), PlotWidget(figure)
+    assert isinstance(first, go.FigureWidget) and first.data[0].y == (1, 3, 2)
+    bundle = plotly_bundle()
+    assert bundle is plotly_bundle() and bundle.bundle == str(go.FigureWidget._esm)
+    # Each figure's state holds a small module, not plotly's ~5 MB bundle.
+    for widget in (first, second):
+        assert len(widget.get_state()["_esm"]) < 10_000 < len(bundle.bundle)
+        assert bundle.key in widget.get_state()["_esm"]
+    bundle.close()
+    assert plotly_bundle() is not bundle  # a closed bundle is replaced, so new figures still load
 
 
 def test_lens_table_aligns_branches_on_the_end_of_the_prompt():
