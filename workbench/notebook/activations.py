@@ -164,7 +164,9 @@ class ActivationsPanel:
             )
         else:
             figure = figures.build_layer_cosine_figure(_empty_cosines())
-            figure.update_layout(title={"text": "Cosine between baseline and steered: turn on compare in a new chat"})
+            figure.update_layout(
+                title_text="Cosine between baseline and steered: turn on compare in a new chat", title_subtitle_text=""
+            )
         replace_figure(self.layer_cosines, figure)
 
 
