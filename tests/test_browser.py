@@ -318,7 +318,9 @@ def test_the_layout_fits_its_panels(page, width):
         ".map(e => e.textContent)"
     )
     assert cut == [], cut  # labels shown whole
-    save_screenshot(page, page.root / f"workbench-{width}.png")
+    page.locator(".wb-activations").first.evaluate("panel => panel.scrollIntoView({block: 'start'})")
+    time.sleep(0.5)
+    save_screenshot(page, page.root / f"workbench-{width}.png")  # the plots this test checks
 
 
 def test_a_reload_restores_every_plot_and_the_next_turn_reaches_them(page):
