@@ -43,10 +43,10 @@ def test_layer_figure_leaves_the_first_token_out_unless_asked():
     assert [trace.name for trace in figure.data] == ["baseline", "steered"]
     assert list(figure.data[0].x) == [0, 1, 2]
     assert np.allclose(figure.data[0].y, [2.0, 3.0, 4.0])  # mean over positions 1..3
-    assert "first token left out" in figure.layout.title.text
+    assert "first token left out" in figure.layout.title.subtitle.text
     with_sink = figures.build_layer_figure(synthetic_frame(), include_first_token=True)
     assert np.allclose(with_sink.data[0].y, [(SINK + 6) / 4, (SINK + 9) / 4, (SINK + 12) / 4])
-    assert "left out" not in with_sink.layout.title.text
+    assert "left out" not in with_sink.layout.title.subtitle.text
     assert figure.layout.xaxis.title.text == "layer" and figure.layout.yaxis.title.text == "mean residual norm"
 
 

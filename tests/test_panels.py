@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import html
 import json
 import time
 
@@ -24,7 +25,8 @@ from workbench import (
 )
 from workbench.notebook import RowState, Workbench, get_engine, shutdown_engine
 from workbench.notebook.conversation import BASELINE, STEERED, STOPPED, Conversation
-from workbench.notebook.editor import rows_to_spec
+from workbench.notebook.editor import describe_rows, rows_from_spec, rows_to_spec
+from workbench.notebook.plot_widget import PlotWidget, plotly_bundle
 from workbench.notebook.residual_norms import cache_path, typical_norms
 from workbench.notebook.sweep_panel import explain_row, parse_scales, sweep_prompt
 from workbench.notebook.widgets import NumberEntry
@@ -68,6 +70,30 @@ def test_rows_to_spec_refuses_what_it_cannot_apply_as_typed(tmp_path):
         rows_to_spec([RowState(layer=1, op="projection_cap", cap_min=3.0, cap_max=1.0)], 6, library)
     one_sided = rows_to_spec([RowState(layer=1, op="projection_cap", cap_min=None, cap_max=2.0)], 6, library)
     assert (one_sided.layers[1].projection_cap.min, one_sided.layers[1].projection_cap.max) == (None, 2.0)
+
+
+def test_a_message_index_target_round_trips_through_the_spec(tmp_path):
+    library = VectorLibrary(tmp_path)
+    spec = rows_to_spec([RowState(layer=1, scale=3.0, positions=2)], 6, library)
+    assert spec.layers[1].add.positions == 2
+    assert "<td>message 2</td>" in describe_rows([RowState(layer=1, positions=2)])
+    spec.save(tmp_path / "spec.safetensors")
+    (state,) = rows_from_spec(SteeringSpec.load(tmp_path / "spec.safetensors"), library, "back")
+    assert state.positions == 2 and state.scale == pytest.approx(3.0)
+
+
+def test_plot_widgets_share_one_copy_of_plotlys_code():
+    figure = go.Figure(go.Scatter(y=[1, 3, 2]))
+    first, second = PlotWidget(figure), PlotWidget(figure)
+    assert isinstance(first, go.FigureWidget) and first.data[0].y == (1, 3, 2)
+    bundle = plotly_bundle()
+    assert bundle is plotly_bundle() and bundle.bundle == str(go.FigureWidget._esm)
+    # Each figure's state holds a small module, not plotly's ~5 MB bundle.
+    for widget in (first, second):
+        assert len(widget.get_state()["_esm"]) < 10_000 < len(bundle.bundle)
+        assert bundle.key in widget.get_state()["_esm"]
+    bundle.close()
+    assert plotly_bundle() is not bundle  # a closed bundle is replaced, so new figures still load
 
 
 def test_lens_table_aligns_branches_on_the_end_of_the_prompt():
@@ -216,6 +242,50 @@ def test_editor_applies_names_vectors_and_refuses_bad_input(bench):
     assert steering.undo_button.disabled and steering.undo_clear() is None
     steering.remove_row(twin)
     steering.apply().result(60)
+
+
+@pytest.mark.slow
+def test_editor_targets_one_message_by_its_index(bench):
+    model, steering = bench.engine.model, bench.steering
+    before = model.export_steering_spec()
+    row = steering.add_row(RowState(layer=5, scale=40.0))
+    assert row.message.layout.display == "none"  # the index box shows only for "message #"
+    row.positions.value = "message"
+    assert row.message.layout.display == ""
+
+    # A bad index: a message naming the row, nothing applied, the typed text left as it is.
+    for typed, message in (
+        ("", "must be a whole number from 0 to 32751, got ''"),
+        ("two", "must be a whole number from 0 to 32751, got 'two'"),
+        ("-1", "got '-1'"),
+        ("40000", "message index 40000 is outside 0..32751"),
+    ):
+        row.message.value = typed
+        assert "modified, not applied" in steering.state_label.value
+        assert steering.apply() is None
+        shown = html.unescape(steering.status.value)
+        assert "row for layer 5 (add): message index" in shown and message in shown
+        assert row.message.value == typed and model.export_steering_spec() is before
+
+    row.message.value = "2"
+    steering.apply().result(60)
+    applied = model.export_steering_spec()
+    assert applied.layers[5].add.positions == 2 and applied.layers[3].add.positions == "all"
+    assert applied == steering.current_spec()
+    assert "<td>message 2</td>" in steering.spec_text.value
+    assert "modified" not in steering.state_label.value
+
+    # The applied spec turned back into a row (as Load does) shows the same target and applies the same spec.
+    state = next(s for s in rows_from_spec(applied, bench.library, "message-target") if s.layer == 5)
+    steering.remove_row(row)
+    again = steering.add_row(state)
+    assert (again.positions.value, again.message.value) == ("message", "2")
+    steering.apply().result(60)
+    assert model.export_steering_spec().layers[5].add.positions == 2
+
+    steering.remove_row(again)
+    steering.apply().result(60)
+    assert sorted(model.export_steering_spec().layers) == [3]
 
 
 def wait_for(condition, timeout: float = 30.0) -> None:

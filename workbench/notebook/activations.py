@@ -19,6 +19,7 @@ import torch
 from workbench.notebook import figures, summaries
 from workbench.notebook.conversation import BASELINE, STEERED, TurnCaptures
 from workbench.notebook.editor import OP_LABELS
+from workbench.notebook.plot_widget import PlotWidget
 from workbench.notebook.widgets import figure_cell, figure_grid, replace_figure
 from workbench.specs import SteeringSpec
 from workbench.tables import captures_frame
@@ -71,11 +72,11 @@ class ActivationsPanel:
             control.layout.width = "auto"
             control.observe(self._control_changed, names="value")
         self.include_first.observe(self._control_changed, names="value")
-        self.layer_means = go.FigureWidget(figures.build_layer_figure(self.frame))
-        self.message_means = go.FigureWidget(figures.build_message_figure(self.frame, layer))
-        self.layer_cosines = go.FigureWidget(figures.build_layer_cosine_figure(_empty_cosines()))
-        self.message_cosines = go.FigureWidget(figures.build_cosine_heatmap_figure(_empty_message_cosines()))
-        self.heatmap = go.FigureWidget(figures.build_token_heatmap_figure(self.frame))
+        self.layer_means = PlotWidget(figures.build_layer_figure(self.frame))
+        self.message_means = PlotWidget(figures.build_message_figure(self.frame, layer))
+        self.layer_cosines = PlotWidget(figures.build_layer_cosine_figure(_empty_cosines()))
+        self.message_cosines = PlotWidget(figures.build_cosine_heatmap_figure(_empty_message_cosines()))
+        self.heatmap = PlotWidget(figures.build_token_heatmap_figure(self.frame))
         self.note = w.HTML("<i>The plots show the latest turn once a reply has come back.</i>")
         self.widget = w.VBox(
             [
@@ -163,7 +164,9 @@ class ActivationsPanel:
             )
         else:
             figure = figures.build_layer_cosine_figure(_empty_cosines())
-            figure.update_layout(title={"text": "Cosine between baseline and steered: turn on compare in a new chat"})
+            figure.update_layout(
+                title_text="Cosine between baseline and steered: turn on compare in a new chat", title_subtitle_text=""
+            )
         replace_figure(self.layer_cosines, figure)
 
 

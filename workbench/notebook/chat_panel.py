@@ -76,11 +76,14 @@ class ChatPanel:
             placeholder="assistant prefill (optional)", description="prefill", layout={"width": "98%"}
         )
         self.input = w.Text(
-            placeholder="Say something", description="you", layout={"flex": "1 1 auto", "width": "auto"}
+            placeholder="Say something",
+            description="you",
+            layout={"flex": "1 1 auto", "width": "auto", "min_width": "0"},
         )
-        self.send_button = w.Button(description="Send", button_style="primary", icon="paper-plane")
-        self.stop_button = w.Button(description="Stop", icon="stop", disabled=True, button_style="danger")
-        reset = w.Button(description="New chat", icon="refresh")
+        fixed = {"width": "auto", "flex": "0 0 auto"}  # buttons keep their labels; the input gives way
+        self.send_button = w.Button(description="Send", button_style="primary", icon="paper-plane", layout=fixed)
+        self.stop_button = w.Button(description="Stop", icon="stop", disabled=True, button_style="danger", layout=fixed)
+        reset = w.Button(description="New chat", icon="refresh", layout=fixed)
         self.compare = w.Checkbox(value=True, description="compare with baseline", indent=False)
         self.temperature = w.FloatSlider(
             value=0.0, min=0.0, max=1.5, step=0.05, description="temperature", continuous_update=False
@@ -88,7 +91,8 @@ class ChatPanel:
         self.max_tokens = w.IntSlider(value=48, min=1, max=512, description="max tokens", continuous_update=False)
         for slider in (self.temperature, self.max_tokens):
             slider.style.description_width = "initial"
-            slider.layout = {"width": "auto", "flex": "1 1 200px"}
+            # Wider than two fit beside each other in a narrow column: each then takes a line of its own.
+            slider.layout = {"width": "auto", "flex": "1 1 280px"}
         self.status = StatusLine()
         self.last_future: Any = None
         self._running: Turn | None = None

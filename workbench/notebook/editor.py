@@ -3,10 +3,13 @@ the model's spec atomically.
 
 What the rows describe is a plain function (``rows_to_spec``), testable
 without widgets. Input is never silently changed: a layer out of range, a
-scale that is not a finite number, a cap with min > max or two rows with one
-layer and op leave the typed values as they are, apply nothing and say why
-in the status line. Until Apply succeeds, edits show as "modified, not
-applied".
+scale that is not a finite number, a cap with min > max, a message index
+that is not a whole number in range or two rows with one layer and op leave
+the typed values as they are, apply nothing and say why in the status line.
+Until Apply succeeds, edits show as "modified, not applied".
+
+Each row targets tokens by name (all, prompt, generated, a chat role) or one
+chat message by its index ("message #" and the index typed beside it).
 
 Scales have units. A direction is used as a unit vector (the saved vector's
 own norm is shown beside it), so an add's scale is the norm of what is added
@@ -18,6 +21,7 @@ multiple of it. A toggle switches which of the two units is typed.
 from __future__ import annotations
 
 import html
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,12 +34,13 @@ from workbench.errors import SpecError
 from workbench.notebook.engine import NotebookEngine
 from workbench.notebook.residual_norms import TypicalNorms
 from workbench.notebook.widgets import WARNING_COLOUR, NumberEntry, StatusLine, format_number
-from workbench.ops import OP_NAMES
+from workbench.ops import MAX_MESSAGE, OP_NAMES
 from workbench.specs import (
     POSITIONS,
     AblationSpec,
     AddSpec,
     LayerSteeringSpec,
+    Positions,
     ProjectionCapSpec,
     SteeringSpec,
     check_layer_index,
@@ -50,6 +55,25 @@ RANDOM = "random"
 
 UNITS = {"absolute": "absolute", "typical": "× typical norm"}
 """What a typed scale means: residual-stream units, or a multiple of the layer's typical norm."""
+
+MESSAGE = "message"
+"""The target choice that reads a message index from the row's index box."""
+
+
+def parse_message_index(text: str, where: str) -> int:
+    """A typed message index (``SpecError`` naming ``where`` unless it is a whole number in 0..MAX_MESSAGE)."""
+    stripped = text.strip().removeprefix("#").strip()
+    if not re.fullmatch(r"[0-9]+", stripped):
+        raise SpecError(f"{where}: message index must be a whole number from 0 to {MAX_MESSAGE}, got {text!r}")
+    index = int(stripped)
+    if index > MAX_MESSAGE:
+        raise SpecError(f"{where}: message index {index} is outside 0..{MAX_MESSAGE}")
+    return index
+
+
+def positions_label(positions: Positions) -> str:
+    """A target as the editor shows it: a name, or ``message <index>``."""
+    return f"{MESSAGE} {positions}" if isinstance(positions, int) else positions
 
 
 @dataclass
@@ -67,8 +91,8 @@ class RowState:
     cap_min: float | None = -5.0
     """Lowest projection a cap allows (``None``: no lower bound)."""
     cap_max: float | None = 5.0
-    positions: str = "all"
-    """Tokens the op applies to: one of ``specs.POSITIONS``."""
+    positions: Positions = "all"
+    """Tokens the op applies to: one of ``specs.POSITIONS``, or a chat message's index."""
     enabled: bool = True
 
     def name(self) -> str:
@@ -164,7 +188,7 @@ def describe_rows(rows: Sequence[RowState], typical: TypicalNorms | None = None)
             amount = f"projection in [{_relative(row.cap_min, norm)}, {_relative(row.cap_max, norm)}]"
         else:
             amount = f"keeps {format_number(row.scale)} of the component"
-        values = (row.layer, OP_LABELS[row.op], row.name(), amount, row.positions)
+        values = (row.layer, OP_LABELS[row.op], row.name(), amount, positions_label(row.positions))
         cells.append("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in values) + "</tr>")
     header = "".join(f"<th>{name}</th>" for name in ("layer", "op", "vector", "amount", "tokens"))
     return f"<table class='wb-spec'><tr>{header}</tr>{''.join(cells)}</table>"
@@ -181,7 +205,19 @@ class SteeringRow:
         self.op = w.Dropdown(
             options=[(label, name) for name, label in OP_LABELS.items()], value=state.op, layout={"width": "84px"}
         )
-        self.positions = w.Dropdown(options=list(POSITIONS), value=state.positions, layout={"width": "110px"})
+        message = isinstance(state.positions, int)
+        self.positions = w.Dropdown(
+            options=[(name, name) for name in POSITIONS] + [("message #", MESSAGE)],
+            value=MESSAGE if message else state.positions,
+            tooltip="tokens the op acts on: all, the prompt's, the generated ones, a role's messages, or one message",
+            layout={"width": "110px"},
+        )
+        self.message = w.Text(
+            value=str(state.positions) if message else "",
+            placeholder="index",
+            tooltip="index of the chat message (0: the first, the system prompt when there is one)",
+            layout={"width": "64px"},
+        )
         remove = w.Button(icon="trash", tooltip="remove row", layout={"width": "36px"})
         remove.on_click(lambda _: editor.remove_row(self))
         self.vector = w.Dropdown(layout={"width": "190px"}, tooltip="direction: a seeded random vector or a saved one")
@@ -195,7 +231,10 @@ class SteeringRow:
         self.set_vector_options(editor.library.names(), state.vector)
         self.box = w.VBox(
             [
-                w.HBox([self.enabled, self.layer, self.op, self.positions, remove]),
+                w.HBox(
+                    [self.enabled, self.layer, self.op, self.positions, self.message, remove],
+                    layout={"flex_flow": "row wrap"},
+                ),
                 w.HBox([self.vector, self.seed, self.norm], layout={"align_items": "center"}),
                 self.scale.box,
                 self.cap_min.box,
@@ -204,9 +243,9 @@ class SteeringRow:
             ],
             layout={"border_bottom": "1px solid #ddd", "padding": "2px 0", "width": "100%"},
         )
-        for widget in (self.op, self.vector):
+        for widget in (self.op, self.vector, self.positions):
             widget.observe(lambda _: self.refresh(), names="value")
-        for widget in (self.enabled, self.layer, self.positions, self.seed, self.op, self.vector):
+        for widget in (self.enabled, self.layer, self.positions, self.message, self.seed, self.op, self.vector):
             widget.observe(lambda _: editor.changed(), names="value")
         for entry in (self.scale, self.cap_min, self.cap_max):
             entry.text.observe(lambda _: editor.changed(), names="value")
@@ -229,6 +268,7 @@ class SteeringRow:
         self.cap_min.box.layout.display = self.cap_max.box.layout.display = "" if cap else "none"
         self.scale.label.value = "keep" if self.op.value == "ablation" else "scale"
         self.seed.layout.display = "" if self.vector.value == RANDOM else "none"
+        self.message.layout.display = "" if self.positions.value == MESSAGE else "none"
         self.norm.value = self.editor.norm_text(self.vector.value, self.seed.value)
         low, high = self.editor.slider_range(self.op.value, self.layer.value)
         for entry in (self.scale, self.cap_min, self.cap_max):
@@ -251,9 +291,15 @@ class SteeringRow:
             scale=scale if scale is not None else 0.0,
             cap_min=to_absolute(self.cap_min.value(f"{where}: min"), layer),
             cap_max=to_absolute(self.cap_max.value(f"{where}: max"), layer),
-            positions=self.positions.value,
+            positions=self.target(where),
             enabled=self.enabled.value,
         )
+
+    def target(self, where: str) -> Positions:
+        """The chosen tokens: a name of ``specs.POSITIONS``, or the typed message index."""
+        if self.positions.value == MESSAGE:
+            return parse_message_index(self.message.value, where)
+        return self.positions.value
 
     def show(self, state: RowState, from_absolute: Callable[[float | None, int], float | None]) -> None:
         """Put ``state``'s values in the widgets, in the editor's unit."""
@@ -269,6 +315,7 @@ class SteeringRow:
             self.layer.value,
             self.op.value,
             self.positions.value,
+            self.message.value if self.positions.value == MESSAGE else "",
             self.vector.value,
             self.seed.value,
             self.scale.text.value,

@@ -37,11 +37,13 @@ CLIP_PERCENTILES = (2.0, 98.0)
 
 
 def _title(text: str, include_first_token: bool | None = None, note: str = "") -> dict[str, Any]:
+    """A title with its notes as plotly's subtitle (a two-line title text anchored at
+    the top is drawn partly above the figure)."""
     notes = [note] if note else []
     if include_first_token is False:
         notes.append("first token left out")
-    small = f"<br><span style='font-size:12px;color:#555'>{html.escape('; '.join(notes))}</span>" if notes else ""
-    return {"text": html.escape(text) + small, "x": 0, "xanchor": "left", "y": 0.98, "yanchor": "top"}
+    subtitle = {"text": html.escape("; ".join(notes)), "font": {"size": 12, "color": "#555"}}
+    return {"text": html.escape(text), "subtitle": subtitle, "x": 0, "xanchor": "left", "y": 0.98, "yanchor": "top"}
 
 
 def token_label(token: str) -> str:

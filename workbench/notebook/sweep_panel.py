@@ -16,12 +16,12 @@ from typing import Any
 
 import ipywidgets as w
 import pandas as pd
-import plotly.graph_objects as go
 
 from workbench.errors import SpecError
 from workbench.notebook import figures
 from workbench.notebook.editor import RANDOM, RowState, direction
 from workbench.notebook.engine import NotebookEngine
+from workbench.notebook.plot_widget import PlotWidget
 from workbench.notebook.residual_norms import TypicalNorms
 from workbench.notebook.widgets import StatusLine, replace_figure
 from workbench.specs import SteeringSpec
@@ -120,7 +120,7 @@ class SweepPanel:
         self.progress = w.IntProgress(value=0, min=0, max=1, layout={"width": "160px"})
         self.context_label = w.HTML()
         self.table = w.HTML(layout={"overflow": "auto", "max_height": "420px", "width": "100%"})
-        self.figure = go.FigureWidget(figures.build_sweep_figure(_empty_sweep()))
+        self.figure = PlotWidget(figures.build_sweep_figure(_empty_sweep()))
         self.status = StatusLine()
         self.frame = _empty_sweep()
         self.last_future: Any = None

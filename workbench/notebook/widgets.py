@@ -44,10 +44,6 @@ class StatusLine:
             self.show(ok)
 
 
-def figure_widget(figure: go.Figure) -> go.FigureWidget:
-    return go.FigureWidget(figure)
-
-
 def figure_cell(widget: go.FigureWidget) -> w.Box:
     """A box that gives a figure its column's width (a flex child otherwise
     takes the figure's own width, 700 px, and overflows narrow columns)."""
