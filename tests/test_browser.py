@@ -329,6 +329,11 @@ def test_a_reload_restores_every_plot_and_the_next_turn_reaches_them(page):
     page.locator(".lm-AccordionPanel-title, .jupyter-widget-Collapse-header", has_text="Sweep").first.click()
     button(page, "Run sweep").click()
     expect(page.locator(".wb-sweep").first).to_be_visible(timeout=TURN_S)
+    # The sweep's table and its plot reach the page as separate widget messages: wait for the plot too.
+    page.wait_for_function(
+        "() => Array.from(document.querySelectorAll('.js-plotly-plot')).every(p => p.data && p.data.length)",
+        timeout=30_000,
+    )
     save_screenshot(page, page.root / "sweep.png", page.locator(".wb-sweep-panel").first)
     before = all_plot_data(page)
     assert len(before) == 6 and all(len(traces) > 1 for traces in before), before
