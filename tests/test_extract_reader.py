@@ -73,3 +73,22 @@ def test_writer_waits_for_a_shard_being_written(tmp_path):
         assert [shard["prompt_ids"] for shard in writer.shards] == [[0, 1]]
 
     asyncio.run(run())
+
+
+def test_shards_written_at_once_join_the_index_in_order(tmp_path):
+    """Shards are written on several threads; a small one finishing before a
+    large one started earlier still joins the index after it."""
+
+    async def run() -> None:
+        keys = [f"k{i}" for i in range(6)]
+        writer = _ShardWriter(tmp_path, SETTINGS, keys, [], shard_bytes=1)
+        for prompt_id, rows in enumerate((20_000, 5_000, 10, 20_000, 3, 1)):
+            writer.add(block(prompt_id, rows))
+            await writer.flush()
+        await writer.wait()
+        assert [shard["name"] for shard in writer.shards] == [f"shard-{i:05d}" for i in range(6)]
+        assert [shard["prompt_ids"] for shard in writer.shards] == [[i] for i in range(6)]
+        reader = ActivationReader(tmp_path)
+        assert reader.is_complete and torch.equal(reader.rows(3, 3)[:2], torch.full((2, 4), 303.0))
+
+    asyncio.run(run())

@@ -6,20 +6,21 @@ a block of ``capacity x hidden`` rows (prompt + max_tokens - 1) in the
 client's hand-off folder under ``/dev/shm`` (a new file, or one the client
 gave back, renamed: see ``capture_store.FilePool``). One file per capture
 rather than per capture and layer: capturing all 32 layers of 256 requests
-opened, mapped and unmapped 8192 files a run. Rows are written into it as the steps run;
-at fetch time the client maps the file, so the rows are never copied after
-generation (assembling them at fetch cost ~0.3 s per 400 MB
+opened, mapped and unmapped 8192 files a run. Rows are written into the file
+as the steps run; at fetch time the client maps it, so the rows are never
+copied after generation (assembling them at fetch cost ~0.3 s per 400 MB
 layer, most of it first-touch page faults, which now fall while the GPU
 runs). The files are sparse, so rows a request never reaches cost nothing.
 
 The worker maps every open file at a fixed place inside one reserved range
 of its address space, and ``RowSpace.rows`` views that whole range as one
 ``[rows, hidden]`` tensor: the rows of all capturing requests of a step then
-land with one ``index_copy_`` per layer, where a Python loop over requests
-would cost a few microseconds per request, layer and step. Row 0 is a
-scratch row for rows nobody keeps. ``index_copy_`` on the CPU moves one
-element at a time, so rows are copied as 16-byte elements (``RowSpace.write``):
-twice as fast as bfloat16 elements, measured on mapped pages.
+land with one ``index_copy_`` per layer (or per run of layers), where a
+Python loop over requests would cost a few microseconds per request, layer
+and step. Row 0 is a scratch row for rows nobody keeps. ``index_copy_`` on
+the CPU moves one element at a time, so rows are copied as 16-byte elements
+(``RowSpace.write``): twice as fast as bfloat16 elements, measured on mapped
+pages.
 
 Linux only (``mmap`` with ``MAP_FIXED`` through libc: Python's ``mmap``
 module cannot place a mapping).

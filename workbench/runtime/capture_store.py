@@ -4,17 +4,19 @@ which capture, and writing them into the captures' files.
 After every step, ``CaptureStore.record`` works out, with one numpy
 operation over the step's rows and captured layers, where each captured row
 goes in ``RowSpace.rows`` (its layer's block of its capture's file, at its
-position; scratch for rows nobody keeps), and hands the rows to ``HostLanes``. Positions make
-recomputation (vLLM re-running a preempted request) overwrite the same rows;
-a request that jumps past rows it never computed is reported at fetch.
+position; scratch for rows nobody keeps), and hands the rows to
+``HostLanes``. Positions make recomputation (vLLM re-running a preempted
+request) overwrite the same rows; a request that jumps past rows it never
+computed is reported at fetch.
 
 On CUDA the step's rows are first copied to pinned host memory on a side
 stream (``HostStaging``; a synchronous copy would stall vLLM's overlap of
 CPU work with the GPU) and helper threads write them into the files once
 the copy has landed, each a run of neighbouring layers, so the page faults
-of fresh shared memory never hold up the model's thread. On CPU the rows are written in place before the next
-step reuses the buffers. Files the client gives back after a fetch are
-written into again by later captures (``FilePool``).
+of fresh shared memory never hold up the model's thread. On CPU the rows are
+written in place before the next step reuses the buffers. Files the client
+gives back after a fetch are written into again by later captures
+(``FilePool``).
 """
 
 from __future__ import annotations
