@@ -380,7 +380,7 @@ class CaptureStore:
             places.append(place)
             records.append(record)
             capacity[place] = capture.capacity
-        layers = tuple(sorted({layer for record in records if record.window for layer in record.layers}))
+        layers = tuple(sorted({layer for record in records for layer in record.layers}))
         row_of = {layer: row for row, layer in enumerate(layers)}
         first_rows = np.full((len(layers), len(captures)), -1, dtype=np.int64)
         for place, record in zip(places, records):
