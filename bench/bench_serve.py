@@ -7,14 +7,22 @@ concurrent clients, this process being the load generator):
 - ``plain vllm serve``: vLLM's own server on the same model and options;
 - ``workbench serve, no steering``: the steering server, requests without ``steering``;
 - ``workbench serve, 16 distinct specs``: each request carries one of 16 specs
-  (an add on every layer, vectors in base64), so 16 slots run in every batch.
+  (an add on every layer, vectors in base64: ~700 kB of JSON per request on
+  the GPU preset), so 16 slots run in every batch;
+- ``workbench serve, 16 distinct specs by name``: the same specs saved in the
+  server's ``--steering-dir``, each request naming one (``{"name": ...}``),
+  as an evaluation harness would send them.
 
 One server runs at a time (plain vLLM first, then the workbench server for
 both of its configurations), each warmed up before ``rounds`` timed rounds.
 Reported per configuration: output tokens per second (median over rounds),
 time to first token (mean, median and p99 over requests, median over rounds),
-the ratio of throughput to plain vLLM's, and how many greedy outputs of the
-unsteered workbench server equal plain vLLM's token for token.
+the ratio of throughput to plain vLLM's, how many greedy outputs of the
+unsteered workbench server equal plain vLLM's token for token, and the CPU
+time of each server process per second of the round (the API server's event
+loop streams every token; at 1.0 it is saturated). ``--py-spy DIR`` records
+one more round of each workbench configuration with py-spy (collapsed stacks
+of the API server and the engine core, in DIR), outside the timed rounds.
 
     python bench/bench_serve.py --preset cpu     # embedded SmolLM2 on this machine (a check that it runs)
     python bench/bench_serve.py --preset gpu     # Llama-3-8B shape, dummy bf16 weights: 256 prompts, 64 clients
@@ -26,20 +34,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import logging
 import os
 import platform
+import re
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import torch
 
 sys.path.insert(1, str(Path(__file__).parent.parent))  # the workbench of this checkout
@@ -104,9 +118,45 @@ class Round:
     tok_per_s: float
     ttft_s: list[float]
     outputs: list[list[int]]
+    cpu_share: dict[str, float]
+    """Server process name -> its CPU seconds per second of the round."""
 
 
-async def load(url: str, model: str, prompts: list[list[int]], preset: Preset, bodies: list[dict[str, Any]]) -> Round:
+class ServerCpu:
+    """CPU time of a server's processes (the API server and vLLM's engine processes, by name)."""
+
+    def __init__(self, pid: int) -> None:
+        self.root = psutil.Process(pid)
+
+    def processes(self) -> dict[str, psutil.Process]:
+        found = {}
+        for process in [self.root, *self.root.children(recursive=True)]:
+            try:
+                name = process.name()
+            except psutil.Error:
+                continue
+            found[name if name not in found else f"{name}:{process.pid}"] = process
+        return found
+
+    def seconds(self) -> dict[str, float]:
+        taken = {}
+        for name, process in self.processes().items():
+            try:
+                times = process.cpu_times()
+            except psutil.Error:
+                continue
+            taken[name] = times.user + times.system
+        return taken
+
+    def shares(self, before: dict[str, float], after: dict[str, float], wall_s: float) -> dict[str, float]:
+        """CPU seconds per wall second of each process busy more than 2% of the time."""
+        shares = {name: (after[name] - before.get(name, 0.0)) / wall_s for name in after}
+        return {name: round(share, 3) for name, share in shares.items() if share > 0.02}
+
+
+async def load(
+    url: str, model: str, prompts: list[list[int]], preset: Preset, bodies: list[dict[str, Any]], cpu: ServerCpu
+) -> Round:
     """Send every prompt (with ``bodies[i]`` merged into its request), ``preset.concurrency`` at a time."""
     gate = asyncio.Semaphore(preset.concurrency)
     limits = httpx.Limits(max_connections=preset.concurrency, max_keepalive_connections=preset.concurrency)
@@ -150,10 +200,12 @@ async def load(url: str, model: str, prompts: list[list[int]], preset: Preset, b
                             count = event["usage"]["completion_tokens"]
             return first or 0.0, tokens, count
 
+        cpu_before = cpu.seconds()
         started = time.perf_counter()
         results = await asyncio.gather(*(one(body) for body in encoded))
         elapsed = time.perf_counter() - started
-    return Round(sum(r[2] for r in results) / elapsed, [r[0] for r in results], [r[1] for r in results])
+        shares = cpu.shares(cpu_before, cpu.seconds(), elapsed)
+    return Round(sum(r[2] for r in results) / elapsed, [r[0] for r in results], [r[1] for r in results], shares)
 
 
 def summary(rounds: list[Round]) -> dict[str, Any]:
@@ -167,6 +219,10 @@ def summary(rounds: list[Round]) -> dict[str, Any]:
         "ttft_mean_s": round(statistics.median(statistics.fmean(r.ttft_s) for r in rounds), 4),
         "ttft_median_s": round(statistics.median(statistics.median(r.ttft_s) for r in rounds), 4),
         "ttft_p99_s": round(statistics.median(p99(r.ttft_s) for r in rounds), 4),
+        "cpu_share": {
+            name: round(statistics.median(r.cpu_share.get(name, 0.0) for r in rounds), 3)
+            for name in sorted({name for r in rounds for name in r.cpu_share})
+        },
     }
 
 
@@ -176,16 +232,59 @@ async def measure(
     prompts: list[list[int]],
     preset: Preset,
     configs: dict[str, list[dict[str, Any]]],
+    profile_dir: Path | None = None,
 ) -> dict[str, list[Round]]:
-    """Warm each configuration up once, then time ``preset.rounds`` rounds of each, alternating."""
+    """Warm each configuration up once, then time ``preset.rounds`` rounds of each, alternating;
+    with ``profile_dir``, one more round of each under py-spy."""
+    cpu = ServerCpu(server.pid)
     for bodies in configs.values():
-        await load(server.url, model, prompts, preset, bodies)
+        await load(server.url, model, prompts, preset, bodies, cpu)
     rounds: dict[str, list[Round]] = {name: [] for name in configs}
     for index in range(preset.rounds):
         for name, bodies in configs.items():
-            rounds[name].append(await load(server.url, model, prompts, preset, bodies))
-            logger.info("%s, round %d: %.0f tok/s", name, index + 1, rounds[name][-1].tok_per_s)
+            rounds[name].append(await load(server.url, model, prompts, preset, bodies, cpu))
+            logger.info(
+                "%s, round %d: %.0f tok/s, CPU per process %s",
+                name, index + 1, rounds[name][-1].tok_per_s, rounds[name][-1].cpu_share,
+            )  # fmt: skip
+    if profile_dir is not None:
+        for name, bodies in configs.items():
+            with py_spy(cpu, profile_dir / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")):
+                await load(server.url, model, prompts, preset, bodies, cpu)
     return rounds
+
+
+@contextlib.contextmanager
+def py_spy(cpu: ServerCpu, prefix: Path) -> Iterator[None]:
+    """py-spy records each server process while the block runs (collapsed stacks, ``<prefix>-<process>.txt``)."""
+    recorders = [
+        subprocess.Popen(
+            [
+                "py-spy",
+                "record",
+                "--pid",
+                str(process.pid),
+                "--rate",
+                "250",
+                "--format",
+                "raw",
+                "--nonblocking",
+                "--output",
+                f"{prefix}-{re.sub(r'[^A-Za-z0-9]+', '-', name).strip('-')}.txt",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        for name, process in cpu.processes().items()
+        if "resource_tracker" not in " ".join(process.cmdline())
+    ]
+    try:
+        yield
+    finally:
+        for recorder in recorders:
+            recorder.send_signal(signal.SIGINT)
+        for recorder in recorders:
+            recorder.wait(60)
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -203,6 +302,7 @@ async def main(args: argparse.Namespace) -> None:
     ]
     specs = [random_spec(list(range(layers)), hidden, seed=100 + i) for i in range(preset.specs)]
     steered = [{"steering": specs[i % preset.specs].to_dict(vector_format="base64")} for i in range(preset.prompts)]
+    by_name = [{"steering": {"name": f"spec{i % preset.specs}"}} for i in range(preset.prompts)]
     unsteered: list[dict[str, Any]] = [{} for _ in prompts]
     common = [
         *("--model", model, "--served-model-name", served, "--seed", "0", "--no-enable-prefix-caching"),
@@ -214,6 +314,13 @@ async def main(args: argparse.Namespace) -> None:
         "PYTHONPATH": os.pathsep.join(filter(None, [checkout, os.environ.get("PYTHONPATH")])),
     }
     logs = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    steering_dir = logs / "steering"
+    steering_dir.mkdir()
+    for i, spec in enumerate(specs):
+        spec.save(steering_dir / f"spec{i}.safetensors")
+    profile_dir = Path(args.py_spy) if args.py_spy else None
+    if profile_dir is not None:
+        profile_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[Round]] = {}
     startup: dict[str, float] = {}
 
@@ -224,15 +331,17 @@ async def main(args: argparse.Namespace) -> None:
         started = time.perf_counter()
         with ServerProcess.vllm(common, env={**env, **extra_env}, log_path=logs / f"{name}.log") as server:
             startup[name] = round(time.perf_counter() - started, 1)
-            results.update(await measure(server, served, prompts, preset, {name: unsteered}))
+            results.update(await measure(server, served, prompts, preset, {name: unsteered}, profile_dir))
     started = time.perf_counter()
-    with ServerProcess.workbench(common, env=env, log_path=logs / "workbench.log") as server:
+    workbench_args = [*common, "--steering-dir", str(steering_dir)]
+    with ServerProcess.workbench(workbench_args, env=env, log_path=logs / "workbench.log") as server:
         startup["workbench serve"] = round(time.perf_counter() - started, 1)
         configs = {
             "workbench serve, no steering": unsteered,
             f"workbench serve, {preset.specs} distinct specs": steered,
+            f"workbench serve, {preset.specs} distinct specs by name": by_name,
         }
-        results.update(await measure(server, served, prompts, preset, configs))
+        results.update(await measure(server, served, prompts, preset, configs, profile_dir))
 
     base = "workbench serve, no steering" if args.no_plain else "plain vllm serve"
     plain = statistics.median(r.tok_per_s for r in results[base])
@@ -268,11 +377,15 @@ async def main(args: argparse.Namespace) -> None:
     path.parent.mkdir(exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\n{report['device']} | vLLM {vllm.__version__} | {preset.prompts} prompts, {preset.concurrency} clients")
-    print(f"| configuration | tok/s | vs {base} | TTFT mean | TTFT p99 |\n| --- | ---: | ---: | ---: | ---: |")
+    print(
+        f"| configuration | tok/s | vs {base} | TTFT mean | TTFT p99 | CPU per process |\n"
+        "| --- | ---: | ---: | ---: | ---: | --- |"
+    )
     for name, row in report["configurations"].items():
+        cpu = ", ".join(f"{process} {share:.2f}" for process, share in row["cpu_share"].items())
         print(
             f"| {name} | {row['median_tok_per_s']:,.0f} | {report['ratio_to_plain'][name]:.3f} "
-            f"| {row['ttft_mean_s'] * 1000:.0f} ms | {row['ttft_p99_s'] * 1000:.0f} ms |"
+            f"| {row['ttft_mean_s'] * 1000:.0f} ms | {row['ttft_p99_s'] * 1000:.0f} ms | {cpu} |"
         )
     print(f"unsteered outputs equal to plain vLLM's: {report['unsteered_outputs_equal_plain']}; server logs in {logs}")
     print(f"written to {path}")
@@ -285,6 +398,7 @@ if __name__ == "__main__":
     parser.add_argument(
         "--no-plain", action="store_true", help="skip plain vLLM: ratios are then to the unsteered workbench server"
     )
+    parser.add_argument("--py-spy", metavar="DIR", help="record one more round of each configuration into DIR")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
     asyncio.run(main(parser.parse_args()))

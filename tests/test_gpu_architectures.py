@@ -1,11 +1,11 @@
 """Real model shapes under CUDA graphs on a GPU (dummy bf16 weights, token-id
-prompts): steering changes a later layer's rows, clearing restores tokens and
-rows exactly, each request of a batch of per-request specs equals its row of
-the same batch under its spec alone, and captures have the right shape, on
-vLLM's default model runner and, for some, on V1 too.
+prompts), on both of vLLM's model runners: steering changes a later layer's
+rows, clearing restores tokens and rows exactly, each request of a batch of
+per-request specs matches its row of the same prompts run under its spec
+alone, and captures have the right shape.
 
-Run on a CUDA host: ``bash bench/run_device.sh tests``. The shapes are the
-public configs in ``bench/models/``.
+Run on a CUDA host: ``bash bench/run_device.sh shapes`` (several shapes at once
+on one GPU). The shapes are the public configs in ``bench/models/``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ pytestmark = pytest.mark.gpu
 
 MODELS = Path(__file__).parent.parent / "bench" / "models"
 SHAPES = sorted(path.name for path in MODELS.iterdir() if (path / "config.json").exists())
-V1_TOO = ("llama3-8b-shape", "gemma2-9b-shape", "gpt2-medium-shape")
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
 PROMPTS = [[(7 * i + 13 * j) % 30000 + 100 for j in range(9 + 4 * i)] for i in range(4)]
 
@@ -49,23 +48,33 @@ async def run(model, prompts, steering_spec=None, layer=None):
     return [list(output.outputs[0].token_ids) for output in outputs], [h.hidden(layer) for h in handles]
 
 
-@pytest.mark.parametrize(
-    "shape, runner",
-    [(shape, "auto") for shape in SHAPES] + [(shape, "v1") for shape in V1_TOO],
-)
+def assert_rows_match(rows: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    """Rows equal up to bfloat16 rounding: the same prompts batched with other requests
+    run other kernel shapes, which round differently (dummy weights leave greedy
+    tokens at near-ties, so tokens can flip; rows cannot move far)."""
+    cosine = torch.nn.functional.cosine_similarity(rows.float(), expected.float(), dim=-1)
+    assert cosine.min() >= 0.999, f"{what}: cosine {cosine.min():.6f}"
+
+
+@pytest.mark.parametrize("runner", ["auto", "v1"])
+@pytest.mark.parametrize("shape", SHAPES)
 async def test_shape_steers_restores_batches_and_captures(shape, runner):
     cfg = VLLMSteeringConfig(
         model_name=str(MODELS / shape),
         dtype="bfloat16",
         max_model_len=256,
         load_format="dummy",
-        gpu_memory_utilization=0.85,
+        # Several shapes share the GPU (run_device.sh shapes): each engine takes
+        # its weights and a fixed 1 GiB of KV cache instead of a share of the card.
+        gpu_memory_utilization=0.2,
         max_steering_slots=4,
         model_runner=runner,
         # A few CUDA-graph sizes are enough for these batches, and capture them in seconds.
         engine_kwargs={
             "skip_tokenizer_init": True,
             "max_num_seqs": 8,
+            "max_num_batched_tokens": 256,
+            "kv_cache_memory_bytes": 1 << 30,
             "compilation_config": {"cudagraph_capture_sizes": [1, 2, 4, 8]},
         },
     )
@@ -82,13 +91,19 @@ async def test_shape_steers_restores_batches_and_captures(shape, runner):
         assert cleared == baseline
         assert all(torch.equal(c, b) for c, b in zip(cleared_rows, baseline_rows))
 
-        # Each request of a mixed batch equals its row of a batch of the same prompts under its spec
-        # alone: same batch shapes, so the same bf16 numerics (solo runs can flip near-ties).
+        # Each request of a mixed batch gets its own spec and no other: its prompt's rows match
+        # those of the same prompts run under its spec alone, and steered ones are far from unsteered.
         specs = [SteeringSpec(), add_spec(model, middle, 2), add_spec(model, late, 3), SteeringSpec()]
-        together, _ = await run(model, PROMPTS, specs)
+        _, together = await run(model, PROMPTS, specs, layer=late)
         for i, spec in enumerate(specs):
-            alone, _ = await run(model, PROMPTS, [spec] * len(PROMPTS))
-            assert together[i] == alone[i], f"request {i}"
+            _, alone = await run(model, PROMPTS, [spec] * len(PROMPTS), layer=late)
+            prompt = len(PROMPTS[i])
+            assert_rows_match(together[i][:prompt], alone[i][:prompt], f"request {i}")
+            if not spec.is_empty():
+                cosine = torch.nn.functional.cosine_similarity(
+                    together[i][:prompt].float(), baseline_rows[i][:prompt].float(), dim=-1
+                )
+                assert cosine.max() < 0.99, f"request {i} is steered, yet its rows match the baseline"
 
         _, handles = await model.generate(PROMPTS[:2], GREEDY, capture_layers=[0, middle, late])
         await model.fetch_captures_batch(handles)

@@ -71,6 +71,12 @@ class ServerProcess:
         return cls([sys.executable, "-m", "vllm.entrypoints.openai.api_server", *args], **options)  # type: ignore[arg-type]
 
     @property
+    def pid(self) -> int:
+        """The server's process id (vLLM's engine processes are its children)."""
+        assert self._process is not None, "the server is not started"
+        return self._process.pid
+
+    @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
