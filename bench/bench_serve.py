@@ -123,13 +123,14 @@ class Round:
 
 
 class ServerCpu:
-    """CPU time of a server's processes (the API server and vLLM's engine processes, by name)."""
+    """CPU time of a server's processes (the API server and vLLM's engine processes, by name),
+    and of this process, the load generator (``load generator``): at 1.0 it would be the bottleneck."""
 
     def __init__(self, pid: int) -> None:
         self.root = psutil.Process(pid)
 
     def processes(self) -> dict[str, psutil.Process]:
-        found = {}
+        found = {"load generator": psutil.Process()}
         for process in [self.root, *self.root.children(recursive=True)]:
             try:
                 name = process.name()
@@ -276,7 +277,7 @@ def py_spy(cpu: ServerCpu, prefix: Path) -> Iterator[None]:
             stderr=subprocess.DEVNULL,
         )  # fmt: skip
         for name, process in cpu.processes().items()
-        if "resource_tracker" not in " ".join(process.cmdline())
+        if name != "load generator" and "resource_tracker" not in " ".join(process.cmdline())
     ]
     try:
         yield

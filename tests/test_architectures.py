@@ -9,11 +9,12 @@ and clearing the steering must give the baseline back. Eager mode for every
 architecture, compiled mode for one of each layer convention.
 
 The engines double as the lifecycle check: each is dropped with ``del`` (or
-fails to start), after which no engine process may be left, and this
-process's memory must stay flat across all of them.
+fails to start), after which none of its engine processes may be left, and
+this process's memory must stay flat across all of them.
 
 This module runs first (its name sorts first), before the suite's shared
-engine starts, so only one engine is alive at a time.
+engine starts. The next parity test's engine starts while the current test
+runs (``EngineStarts``), so two engines are alive at most.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import asyncio
 import gc
 import shutil
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -62,37 +65,124 @@ def models(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("tiny-models")
 
 
+def engine_processes() -> dict[int, str]:
+    """Live engine processes below this one (vLLM names them ``VLLM::...``), by pid."""
+    alive = {}
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if "VLLM" in process.name() and process.status() != psutil.STATUS_ZOMBIE:
+                alive[process.pid] = process.name()
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
 class Lifecycle:
     """What every engine of this module leaves behind once deleted."""
 
     def __init__(self) -> None:
-        self.known = {process.pid for process in psutil.Process().children(recursive=True)}
+        self.known = set(engine_processes())
         self.cycles: list[tuple[str, int]] = []
         """(architecture, this process's memory in MiB) after each engine is gone."""
 
-    def engine_processes(self) -> list[psutil.Process]:
-        alive = []
-        for process in psutil.Process().children(recursive=True):
-            try:
-                if process.pid not in self.known and process.status() != psutil.STATUS_ZOMBIE:
-                    if "VLLM" in process.name():
-                        alive.append(process)
-            except psutil.NoSuchProcess:
-                pass
-        return alive
+    async def after_del(self, arch: str, processes: set[int] | None = None, timeout_s: float = 60.0) -> None:
+        """Wait for the deleted engine's ``processes`` (default: every engine process
+        started since this module began) to exit; fail if they do not."""
 
-    async def after_del(self, arch: str, timeout_s: float = 60.0) -> None:
+        def left() -> dict[int, str]:
+            alive = engine_processes()
+            return {pid: name for pid, name in alive.items() if processes is None or pid in processes}
+
         gc.collect()
         deadline = time.monotonic() + timeout_s
-        while (left := self.engine_processes()) and time.monotonic() < deadline:
+        while (remaining := {pid: name for pid, name in left().items() if pid not in self.known}) and (
+            time.monotonic() < deadline
+        ):
             await asyncio.sleep(0.2)
-        assert left == [], f"engine processes still running after del: {[p.name() for p in left]}"
+        assert remaining == {}, f"engine processes still running after del: {sorted(remaining.values())}"
         self.cycles.append((arch, psutil.Process().memory_info().rss >> 20))
 
 
 @pytest.fixture(scope="module")
 def lifecycle() -> Lifecycle:
     return Lifecycle()
+
+
+@dataclass(frozen=True)
+class EnginePlan:
+    """The engine a test of this module runs on."""
+
+    folder: Path
+    dtype: str = "float32"
+    eager: bool = True
+
+
+def engine_plan(item: pytest.Item, models: Path) -> EnginePlan | None:
+    """The engine ``item`` needs (building its tiny model), or None for tests that start their own."""
+    params = item.callspec.params if hasattr(item, "callspec") else {}
+    name = getattr(item, "originalname", None)
+    if name == "test_architecture_steers_and_captures_as_hf":
+        return EnginePlan(tiny_model(params["arch"], models / params["arch"]), eager=params["eager"])
+    if name == "test_half_precision_steers_as_hf_computing_in_float32":
+        dtype = params["dtype"]
+        return EnginePlan(tiny_model("llama", models / f"llama-{dtype}", dtype=getattr(torch, dtype)), dtype)
+    return None
+
+
+class EngineStarts:
+    """Starts the next test's engine on a thread while the current test runs.
+
+    An engine start on this machine is mostly a process importing vLLM and
+    loading the model on one core, and a test mostly the Hugging Face reference
+    on the other: overlapping them keeps both cores busy, with two engines
+    alive at most. No test starts an engine of its own while one is pending
+    (``engine_plan`` covers every test that runs right before another's
+    start), so the engine processes that appear during a start are its own.
+    """
+
+    def __init__(self, models: Path) -> None:
+        self.models = models
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-start")
+        self._pending: dict[EnginePlan, Future[tuple[VLLMSteerModel, set[int]]]] = {}
+
+    def take(self, request: pytest.FixtureRequest) -> tuple[VLLMSteerModel, set[int]]:
+        """This test's engine and its processes; the next test's engine starts meanwhile."""
+        plan = engine_plan(request.node, self.models)
+        assert plan is not None, f"{request.node.name} has no engine plan"
+        started = self._start(plan)
+        items = request.session.items
+        following = items[items.index(request.node) + 1 : items.index(request.node) + 2]
+        upcoming = engine_plan(following[0], self.models) if following else None
+        engine = started.result()
+        if upcoming is not None:
+            self._start(upcoming)
+        del self._pending[plan]
+        return engine
+
+    def _start(self, plan: EnginePlan) -> Future[tuple[VLLMSteerModel, set[int]]]:
+        if plan not in self._pending:
+            self._pending[plan] = self._thread.submit(self._run, plan)
+        return self._pending[plan]
+
+    @staticmethod
+    def _run(plan: EnginePlan) -> tuple[VLLMSteerModel, set[int]]:
+        before = set(engine_processes())
+        model = VLLMSteerModel(engine_config(plan.folder, plan.dtype), enforce_eager=plan.eager)
+        return model, set(engine_processes()) - before
+
+    def close(self) -> None:
+        for pending in self._pending.values():
+            if pending.exception() is None:
+                pending.result()[0].close()
+        self._pending.clear()
+        self._thread.shutdown()
+
+
+@pytest.fixture(scope="module")
+def engine_starts(models):
+    starts = EngineStarts(models)
+    yield starts
+    starts.close()
 
 
 def specs(hf_model, token_ids: list[int], hidden: int) -> dict[str, SteeringSpec]:
@@ -123,12 +213,11 @@ def engine_config(folder: Path, dtype: str = "float32", **overrides) -> VLLMStee
     [(arch, True) for arch in SUPPORTED] + [(arch, False) for arch in COMPILED],
     ids=[*SUPPORTED, *(f"{arch}-compiled" for arch in COMPILED)],
 )
-async def test_architecture_steers_and_captures_as_hf(arch, eager, models, lifecycle):
+async def test_architecture_steers_and_captures_as_hf(arch, eager, models, lifecycle, engine_starts, request):
     from transformers import AutoModelForCausalLM
 
-    folder = tiny_model(arch, models / arch)
-    hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    model = VLLMSteerModel(engine_config(folder), enforce_eager=eager)
+    model, processes = engine_starts.take(request)
+    hf_model = AutoModelForCausalLM.from_pretrained(models / arch, dtype=torch.float32).eval()
     try:
         token_ids = model.tokenizer(PROMPT).input_ids
         cases = specs(hf_model, token_ids, model.hidden_size)
@@ -157,7 +246,7 @@ async def test_architecture_steers_and_captures_as_hf(arch, eager, models, lifec
         assert await model.generate(PROMPT, max_tokens=NEW_TOKENS, temperature=0.0) == [texts[0]]
     finally:
         del model
-    await lifecycle.after_del(arch)
+    await lifecycle.after_del(arch, processes)
 
 
 HALF_PRECISION = {
@@ -172,15 +261,14 @@ of its own: the ops run in float32 on both sides and round once."""
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", sorted(HALF_PRECISION))
-async def test_half_precision_steers_as_hf_computing_in_float32(dtype, models, lifecycle):
+async def test_half_precision_steers_as_hf_computing_in_float32(dtype, models, lifecycle, engine_starts, request):
     from transformers import AutoModelForCausalLM
 
     from workbench.hf_reference import forward_reference
 
     torch_dtype = getattr(torch, dtype)
-    folder = tiny_model("llama", models / f"llama-{dtype}", dtype=torch_dtype)
-    hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype).eval()
-    model = VLLMSteerModel(engine_config(folder, dtype=dtype))
+    model, processes = engine_starts.take(request)
+    hf_model = AutoModelForCausalLM.from_pretrained(models / f"llama-{dtype}", dtype=torch_dtype).eval()
     try:
         cases = specs(hf_model, model.tokenizer(PROMPT).input_ids, model.hidden_size)
         _, handles = await model.generate(
@@ -212,7 +300,7 @@ async def test_half_precision_steers_as_hf_computing_in_float32(dtype, models, l
                 assert ((rows @ direction).abs() <= epsilon * norms).all(), ((rows @ direction).abs() / norms).max()
     finally:
         del model
-    await lifecycle.after_del("llama")
+    await lifecycle.after_del("llama", processes)
 
 
 @pytest.mark.slow
