@@ -17,7 +17,9 @@ One server runs at a time (plain vLLM first, then the workbench server for
 both of its configurations), each warmed up before ``rounds`` timed rounds.
 Reported per configuration: output tokens per second (median over rounds),
 time to first token (mean, median and p99 over requests, median over rounds),
-the ratio of throughput to plain vLLM's, how many greedy outputs of the
+the ratio of throughput to plain vLLM's, the median time between two
+streamed events and before the last one (which carries the finish: a
+steered request's waits for its inf/NaN marks), how many greedy outputs of the
 unsteered workbench server equal plain vLLM's token for token, and the CPU
 time of each server process per second of the round (the API server's event
 loop streams every token; at 1.0 it is saturated). ``--py-spy DIR`` records
@@ -53,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import psutil
 import torch
 
@@ -120,6 +123,11 @@ class Round:
     outputs: list[list[int]]
     cpu_share: dict[str, float]
     """Server process name -> its CPU seconds per second of the round."""
+    itl_s: list[float]
+    """Per request, the median time between two events carrying tokens (the last one left out)."""
+    last_gap_s: list[float]
+    """Per request, the time before its last token's event (it carries the finish: a steered request's
+    waits for its inf/NaN marks; well above ``itl_s``, that wait costs throughput)."""
 
 
 class ServerCpu:
@@ -182,10 +190,13 @@ async def load(
     headers = {"content-type": "application/json"}
     async with httpx.AsyncClient(base_url=url, timeout=3600, limits=limits) as client:
 
-        async def one(body: bytes) -> tuple[float, list[int], int]:
+        async def one(body: bytes) -> tuple[list[float], list[int], int]:
+            """Arrival times of the events carrying tokens (from the request's start), the tokens, their count."""
             async with gate:
                 started = time.perf_counter()
-                first, tokens, count = None, [], 0
+                arrivals: list[float] = []
+                tokens: list[int] = []
+                count = 0
                 async with client.stream("POST", "/v1/completions", content=body, headers=headers) as reply:
                     if reply.status_code != 200:
                         raise RuntimeError(f"HTTP {reply.status_code}: {(await reply.aread())[:300]!r}")
@@ -194,19 +205,27 @@ async def load(
                             continue
                         event = json.loads(line[6:])
                         for choice in event.get("choices") or ():
-                            if first is None:
-                                first = time.perf_counter() - started
-                            tokens += choice.get("token_ids") or []
+                            if choice.get("token_ids"):
+                                arrivals.append(time.perf_counter() - started)
+                                tokens += choice["token_ids"]
                         if event.get("usage"):
                             count = event["usage"]["completion_tokens"]
-            return first or 0.0, tokens, count
+            return arrivals, tokens, count
 
         cpu_before = cpu.seconds()
         started = time.perf_counter()
         results = await asyncio.gather(*(one(body) for body in encoded))
         elapsed = time.perf_counter() - started
         shares = cpu.shares(cpu_before, cpu.seconds(), elapsed)
-    return Round(sum(r[2] for r in results) / elapsed, [r[0] for r in results], [r[1] for r in results], shares)
+    gaps = [np.diff(arrivals) for arrivals, _, _ in results if len(arrivals) > 2]
+    return Round(
+        tok_per_s=sum(count for *_, count in results) / elapsed,
+        ttft_s=[arrivals[0] if arrivals else 0.0 for arrivals, _, _ in results],
+        outputs=[tokens for _, tokens, _ in results],
+        cpu_share=shares,
+        itl_s=[float(np.median(gap[:-1])) for gap in gaps],
+        last_gap_s=[float(gap[-1]) for gap in gaps],
+    )
 
 
 def summary(rounds: list[Round]) -> dict[str, Any]:
@@ -220,6 +239,8 @@ def summary(rounds: list[Round]) -> dict[str, Any]:
         "ttft_mean_s": round(statistics.median(statistics.fmean(r.ttft_s) for r in rounds), 4),
         "ttft_median_s": round(statistics.median(statistics.median(r.ttft_s) for r in rounds), 4),
         "ttft_p99_s": round(statistics.median(p99(r.ttft_s) for r in rounds), 4),
+        "itl_median_s": round(statistics.median(statistics.median(r.itl_s) for r in rounds), 5),
+        "last_gap_median_s": round(statistics.median(statistics.median(r.last_gap_s) for r in rounds), 5),
         "cpu_share": {
             name: round(statistics.median(r.cpu_share.get(name, 0.0) for r in rounds), 3)
             for name in sorted({name for r in rounds for name in r.cpu_share})
@@ -379,14 +400,15 @@ async def main(args: argparse.Namespace) -> None:
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\n{report['device']} | vLLM {vllm.__version__} | {preset.prompts} prompts, {preset.concurrency} clients")
     print(
-        f"| configuration | tok/s | vs {base} | TTFT mean | TTFT p99 | CPU per process |\n"
-        "| --- | ---: | ---: | ---: | ---: | --- |"
+        f"| configuration | tok/s | vs {base} | TTFT mean | TTFT p99 | between tokens | before the last "
+        "| CPU per process |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
     )
     for name, row in report["configurations"].items():
         cpu = ", ".join(f"{process} {share:.2f}" for process, share in row["cpu_share"].items())
         print(
             f"| {name} | {row['median_tok_per_s']:,.0f} | {report['ratio_to_plain'][name]:.3f} "
-            f"| {row['ttft_mean_s'] * 1000:.0f} ms | {row['ttft_p99_s'] * 1000:.0f} ms | {cpu} |"
+            f"| {row['ttft_mean_s'] * 1000:.0f} ms | {row['ttft_p99_s'] * 1000:.0f} ms "
+            f"| {row['itl_median_s'] * 1000:.1f} ms | {row['last_gap_median_s'] * 1000:.1f} ms | {cpu} |"
         )
     print(f"unsteered outputs equal to plain vLLM's: {report['unsteered_outputs_equal_plain']}; server logs in {logs}")
     print(f"written to {path}")
