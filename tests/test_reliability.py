@@ -115,6 +115,43 @@ async def test_a_stream_broken_by_steering_is_flagged_on_the_reply(model, hf, ca
     assert await model.generate(PROMPTS[0], greedy(4)) == [plain]  # the engine is unharmed
 
 
+async def test_finished_steered_requests_read_their_flags_from_the_board(model, hf, monkeypatch):
+    """The worker keeps its inf/NaN findings on a board in the hand-off folder:
+    finished steered requests read their flags there, with no worker call
+    (each pauses the engine between two steps); without a board they ask."""
+    from tests.helpers import mean_direction
+    from workbench import wire
+
+    direction = mean_direction(hf[0], model.tokenizer(PROMPTS[0]).input_ids, 6)
+    specs = [
+        SteeringSpec(),
+        SteeringSpec({6: LayerSteeringSpec(ablation=AblationSpec(direction, scale=1e30))}),
+        SteeringSpec({4: LayerSteeringSpec(add=AddSpec(direction, scale=2.0))}),
+    ]
+    link = model._link
+    calls: list[str] = []
+    ask = link.rpc
+
+    async def counted(method: str, *args):
+        calls.append(method)
+        return await ask(method, *args)
+
+    await link.ensure_ready()
+    assert link._board is not None  # the worker sees this host's hand-off folder
+    monkeypatch.setattr(link, "rpc", counted)
+    flags = [reply.nonfinite_layer for reply in await model.generate([PROMPTS[0]] * 3, greedy(4), steering_spec=specs)]
+    assert flags == [None, 6, None]
+    assert wire.Rpc.TAKE_NONFINITE not in calls
+
+    board, link._board = link._board, None  # as with a worker on another host
+    try:
+        replies = await model.generate([PROMPTS[0]] * 3, greedy(4), steering_spec=specs)
+    finally:
+        link._board = board
+    assert [reply.nonfinite_layer for reply in replies] == [None, 6, None]
+    assert wire.Rpc.TAKE_NONFINITE in calls
+
+
 async def test_a_bad_handle_in_a_fetch_does_not_cost_the_good_ones_their_rows(model):
     _, handles = await model.generate([PROMPTS[0], PROMPTS[1]], greedy(3), capture_layers=[5])
     foreign = CaptureHandle(request_id="r", capture_id="not-a-capture", layer_indices=(5,), prompt_token_ids=(1,))
@@ -125,8 +162,8 @@ async def test_a_bad_handle_in_a_fetch_does_not_cost_the_good_ones_their_rows(mo
         handle.close()
     gc.collect()
     stats = await drained_stats(model)
-    # Their files went back to the worker for reuse: every file left is one it keeps.
-    assert len(list(Path(model._link.handoff_folder).iterdir())) == stats["recycled_files"]
+    # Their files went back to the worker for reuse: every capture file left is one it keeps.
+    assert len(list(Path(model._link.handoff_folder).glob("*.rows"))) == stats["recycled_files"]
 
 
 async def test_captures_come_back_inline_when_the_worker_cannot_see_the_shared_folder(model):
@@ -341,8 +378,10 @@ async def test_thousand_capture_requests_leave_no_trace(model):
             stats = await drained_stats(model)
             memory.append(engine_rss_mib())
     assert stats["captures"] == 0 and stats["released"] == 0
-    # What stays in the hand-off folder is the files kept for reuse, and nothing else.
-    assert len(list(Path(model._link.handoff_folder).iterdir())) == stats["recycled_files"] > 0
+    # What stays in the hand-off folder is the files kept for reuse and the inf/NaN board's two, nothing else.
+    folder = Path(model._link.handoff_folder)
+    assert len(list(folder.glob("*.rows"))) == stats["recycled_files"] > 0
+    assert len(list(folder.iterdir())) == stats["recycled_files"] + 2
     growth = memory[1] - memory[0]
     print(f"memory after 250 requests {memory[0]:.0f} MiB, after 1000 {memory[1]:.0f} MiB, growth {growth:.1f} MiB")
     assert growth < bound_mib, f"memory grew {growth:.0f} MiB over 750 capture requests (bound {bound_mib} MiB)"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -33,7 +34,13 @@ from workbench.specs import SteeringSpec
 logger = logging.getLogger(__name__)
 
 NONFINITE_INTERVAL_S = 0.05
-"""Least time between two ``Rpc.TAKE_NONFINITE`` calls (see ``EngineLink._nonfinite_layer``)."""
+"""Least time between two ``Rpc.TAKE_NONFINITE`` calls (see ``EngineLink._ask_nonfinite``)."""
+
+BOARD_POLL_S = 0.001
+"""How often finished steered requests look at the workers' inf/NaN board while their marks are on the way."""
+
+BOARD_PATIENCE_S = 1.0
+"""Longest wait on the board (its marks land within a step) before asking the workers instead."""
 
 ENGINE_POLL_S = 0.5
 """How often a pending worker call checks whether the engine has died."""
@@ -113,6 +120,10 @@ class EngineLink:
         """Worker method -> items queued for it in this turn of the event loop (releases, recycled files)."""
         self._pending_loads: list[tuple[int, dict[str, Any], asyncio.Future[None]]] = []
         self._pending_nonfinite: dict[str, asyncio.Future[int | None]] = {}
+        self._board: wire.NonfiniteBoardReader | None = None
+        """The workers' inf/NaN board, when every worker that reads marks keeps one (same host)."""
+        self._board_waiting: list[tuple[float, str, asyncio.Future[int | None]]] = []
+        """(when the request finished, its tag, its answer) of finished requests waiting on the board."""
         self._nonfinite_asked_at = float("-inf")
         """Event-loop time of the last ``Rpc.TAKE_NONFINITE`` call."""
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -134,13 +145,19 @@ class EngineLink:
         async with self._setup_lock:
             if not self._setup_done:
                 self._loop = asyncio.get_running_loop()
-                await self.rpc(wire.Rpc.SETUP)
+                replies = await self.rpc(wire.Rpc.SETUP, self.handoff_folder)
+                infos = [wire.WorkerInfo.from_wire(reply) for reply in replies]
+                boards = [info.nonfinite_board for info in infos if info.watches_nonfinite]
+                if boards and all(boards):
+                    self._board = wire.NonfiniteBoardReader(boards)  # type: ignore[arg-type]
                 self._setup_done = True
 
     def close(self) -> None:
         """Forget the engine's captures here (the caller shuts the engine down)."""
         if not self._closed:
             self._closed = True
+            if self._board is not None:
+                self._board.close()
             self._handoff.cleanup()
 
     def check_alive(self) -> None:
@@ -258,6 +275,57 @@ class EngineLink:
             await self._slots.release(slot)
 
     async def _nonfinite_layer(self, tag: str) -> int | None:
+        """Where steering broke this finished request's stream: read from the
+        workers' board once it covers the moment the request finished (within a
+        step, see ``wire.NonfiniteBoard``), else asked of the workers."""
+        if self._board is None:
+            return await self._ask_nonfinite(tag)
+        future = asyncio.get_running_loop().create_future()
+        self._board_waiting.append((time.monotonic(), tag, future))
+        if len(self._board_waiting) == 1:
+            self._track(asyncio.ensure_future(self._watch_board()))
+        return await future
+
+    async def _watch_board(self) -> None:
+        """Answer the finished requests the board covers, every ``BOARD_POLL_S`` while some wait;
+        one waiting past ``BOARD_PATIENCE_S`` (a stalled engine) is asked of the workers."""
+        assert self._board is not None
+        while self._board_waiting:
+            if self._closed:
+                for *_, future in self._board_waiting:
+                    if not future.done():
+                        future.set_exception(EngineDeadError("the engine was closed"))
+                self._board_waiting = []
+                return
+            through = self._board.through()
+            now = time.monotonic()
+            waiting = []
+            for finished_at, tag, future in self._board_waiting:
+                if future.done():
+                    continue
+                if through >= finished_at:
+                    future.set_result(self._board.take(tag))
+                elif now - finished_at > BOARD_PATIENCE_S:
+                    self._track(asyncio.ensure_future(self._ask_into(tag, future)))
+                else:
+                    waiting.append((finished_at, tag, future))
+            self._board_waiting = waiting
+            if waiting:
+                await asyncio.sleep(BOARD_POLL_S)
+
+    async def _ask_into(self, tag: str, future: asyncio.Future[int | None]) -> None:
+        try:
+            layer = await self._ask_nonfinite(tag)
+        except BaseException as error:
+            if not future.done():
+                future.set_exception(error)
+            if not isinstance(error, Exception):
+                raise
+        else:
+            if not future.done():
+                future.set_result(layer)
+
+    async def _ask_nonfinite(self, tag: str) -> int | None:
         """Where steering broke this finished request's stream (``Rpc.TAKE_NONFINITE``),
         asked together with the other requests finishing until the call goes out.
 

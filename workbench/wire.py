@@ -10,7 +10,8 @@ The client (``workbench.client``) and the code that runs in vLLM's workers
 - the names of the workers' RPC methods (``Rpc``);
 - the reply of a capture fetch (``FetchReply``), written by the worker and
   read by the client;
-- the hand-off folder in shared memory through which captured rows travel.
+- the hand-off folder in shared memory through which captured rows travel,
+  and the inf/NaN board the worker keeps there (``NonfiniteBoard``).
 
 Values on the wire are plain data (dicts, lists, str, int, bytes): vLLM's
 RPC and request transports serialise them with msgpack and turn bare
@@ -19,7 +20,11 @@ tensors into lists, so tensors travel as safetensors bytes.
 
 from __future__ import annotations
 
+import json
+import os
+import struct
 import tempfile
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,18 +103,34 @@ class EngineSettings:
 
 @dataclass(frozen=True)
 class WorkerInfo:
-    """A worker's answer to ``Rpc.SETUP``."""
+    """A worker's answer to ``Rpc.SETUP`` (which passes the client's hand-off folder)."""
 
     layers: tuple[int, ...]
     """Decoder layers this worker holds (a pipeline stage holds some)."""
     num_slots: int
+    watches_nonfinite: bool = False
+    """Whether this worker reads inf/NaN marks (one per pipeline stage)."""
+    nonfinite_board: tuple[str, str] | None = None
+    """Its ``NonfiniteBoard`` in the hand-off folder, when it could write there."""
 
     def to_wire(self) -> dict[str, Any]:
-        return {"layers": list(self.layers), "num_slots": self.num_slots}
+        board = list(self.nonfinite_board) if self.nonfinite_board else None
+        return {
+            "layers": list(self.layers),
+            "num_slots": self.num_slots,
+            "watches_nonfinite": self.watches_nonfinite,
+            "nonfinite_board": board,
+        }
 
     @classmethod
     def from_wire(cls, reply: Mapping[str, Any]) -> WorkerInfo:
-        return cls(tuple(reply["layers"]), int(reply["num_slots"]))
+        board = reply.get("nonfinite_board")
+        return cls(
+            tuple(reply["layers"]),
+            int(reply["num_slots"]),
+            bool(reply.get("watches_nonfinite")),
+            (str(board[0]), str(board[1])) if board else None,
+        )
 
 
 # -- specs -------------------------------------------------------------------
@@ -264,3 +285,88 @@ def make_handoff_folder(prefix: str = "workbench-captures-") -> tempfile.Tempora
     """
     parent = SHARED_MEMORY if SHARED_MEMORY.is_dir() else None
     return tempfile.TemporaryDirectory(prefix=prefix, dir=parent)
+
+
+# -- the inf/NaN board -----------------------------------------------------------
+
+_THROUGH = struct.Struct("<d")
+
+BOARD_KEPT_REQUESTS = 4096
+"""Broken requests the client keeps until they are asked about; the oldest go first."""
+
+
+class NonfiniteBoard:
+    """What a worker has read of the inf/NaN marks, kept in two files of the
+    client's hand-off folder so that the client needs no worker call
+    (``Rpc.TAKE_NONFINITE``) to flag a finished steered request:
+
+    - ``*.found``: a JSON line ``[tag, layer]`` for each broken steered
+      request and layer seen, appended as the worker reads the marks;
+    - ``*.through``: 8 bytes, a ``time.monotonic()`` before which every
+      queued step's marks have been read and their lines appended (``inf``:
+      none is waiting).
+
+    A request's last step is queued before its outputs leave the worker, so
+    once the client has a finished output and ``through`` is later than the
+    moment it got it, the board holds that request's marks. Plain reads and
+    writes of the files (no shared mapping), so the kernel orders them across
+    processes; the worker writes the lines before the time.
+    """
+
+    def __init__(self, found: int, through: int, paths: tuple[str, str]) -> None:
+        self._found = found
+        self._through = through
+        self.paths = paths
+        """(found, through) file paths."""
+
+    @classmethod
+    def create(cls, folder: Path, through: float) -> NonfiniteBoard:
+        stem = folder / f"nonfinite-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        found_path, through_path = f"{stem}.found", f"{stem}.through"
+        found = os.open(found_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        through_fd = os.open(through_path, os.O_WRONLY | os.O_CREAT, 0o644)
+        board = cls(found, through_fd, (found_path, through_path))
+        board.post_through(through)
+        return board
+
+    def post(self, found: list[tuple[str, int]], through: float) -> None:
+        """Append ``found`` (tag, layer) pairs, then move the time to ``through``."""
+        if found:
+            os.write(self._found, "".join(json.dumps([tag, layer]) + "\n" for tag, layer in found).encode())
+        self.post_through(through)
+
+    def post_through(self, through: float) -> None:
+        os.pwrite(self._through, _THROUGH.pack(through), 0)
+
+
+class NonfiniteBoardReader:
+    """The client's side of the boards of every worker that reads marks."""
+
+    def __init__(self, boards: list[tuple[str, str]]) -> None:
+        self._boards = [(open(found, "rb"), os.open(through, os.O_RDONLY)) for found, through in boards]  # noqa: SIM115
+        self._partial = [b"" for _ in boards]
+        self._found: dict[str, int] = {}
+
+    def through(self) -> float:
+        """The earliest of the boards' times; new lines are read first."""
+        times = [_THROUGH.unpack(os.pread(through, _THROUGH.size, 0))[0] for _, through in self._boards]
+        for index, (found, _) in enumerate(self._boards):
+            chunk = found.read()
+            if chunk:
+                *lines, self._partial[index] = (self._partial[index] + chunk).split(b"\n")
+                for line in lines:
+                    tag, layer = json.loads(line)
+                    self._found[tag] = min(layer, self._found.get(tag, layer))
+        while len(self._found) > BOARD_KEPT_REQUESTS:  # of requests never asked about (cancelled)
+            del self._found[next(iter(self._found))]
+        return min(times)
+
+    def take(self, tag: str) -> int | None:
+        """The lowest broken layer of a request read so far (forgotten afterwards), or None."""
+        return self._found.pop(tag, None)
+
+    def close(self) -> None:
+        for found, through in self._boards:
+            found.close()
+            os.close(through)
+        self._boards = []

@@ -333,10 +333,12 @@ class WorkbenchWorkerExtension:
     def _workbench_runtime(self) -> SteeringRuntime:
         return self.model_runner.get_model().workbench_runtime  # type: ignore[attr-defined]
 
-    def workbench_setup(self) -> dict[str, Any]:
+    def workbench_setup(self, handoff_folder: str | None = None) -> dict[str, Any]:
         runtime = self._workbench_runtime()
         runtime.install(self.model_runner)  # type: ignore[attr-defined]
-        return wire.WorkerInfo(tuple(sorted(runtime.layers)), runtime.num_slots).to_wire()
+        watches = runtime.records_captures
+        board = runtime.nonfinite.open_board(handoff_folder) if watches else None
+        return wire.WorkerInfo(tuple(sorted(runtime.layers)), runtime.num_slots, watches, board).to_wire()
 
     def workbench_load_slots(self, loads: list[tuple[int, dict[str, Any]]]) -> None:
         runtime = self._workbench_runtime()
