@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 import os
+import threading
+import time
 
 import numpy as np
 import torch
@@ -59,3 +61,57 @@ def test_the_earliest_board_decides(tmp_path):
     assert math.isinf(reader.through())
     reader.close()
     assert len(os.listdir(tmp_path)) == 4
+
+
+class Copy:
+    """Stands in for the CUDA event of a step's marks copy: lands when ``land()`` is called."""
+
+    def __init__(self) -> None:
+        self._landed = threading.Event()
+
+    def land(self) -> None:
+        self._landed.set()
+
+    def query(self) -> bool:
+        return self._landed.is_set()
+
+    def synchronize(self) -> None:
+        self._landed.wait()
+
+
+def wait_for(condition, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)
+
+
+def test_marks_in_flight_hold_the_boards_time_until_they_land(tmp_path):
+    """As on CUDA: the helper thread reads each step's marks once its copy lands;
+    until then the board's time stays before that step, so a request that
+    finished in it waits, and the marks are on the board once the time passes it."""
+    watch = NonfiniteWatch(torch.full((4,), NO_LAYER, dtype=torch.int32))
+    reader = wire.NonfiniteBoardReader([watch.open_board(str(tmp_path))])
+    first, second = Copy(), Copy()
+    queued = time.monotonic()
+    watch._queue(torch.tensor([NO_LAYER, 4], dtype=torch.int32), first, np.array([0, 1, 2]), ["a", "b"])
+    between = time.monotonic()  # "b" finished in the first step: its output left after this
+    watch._queue(torch.tensor([2, NO_LAYER], dtype=torch.int32), second, np.array([0, 1, 2]), ["a", "b"])
+    finished = time.monotonic()  # "a" finished in the second
+    assert queued <= reader.through() < between
+    first.land()
+    wait_for(lambda: reader.through() >= between)
+    assert reader.through() < finished  # the second step is still in flight
+    assert reader.take("b") == 4
+    second.land()
+    wait_for(lambda: math.isinf(reader.through()))
+    assert reader.take("a") == 2
+    reader.close()
+
+
+def test_a_worker_call_waits_for_marks_in_flight(tmp_path):
+    watch = NonfiniteWatch(torch.full((4,), NO_LAYER, dtype=torch.int32))
+    copy = Copy()
+    watch._queue(torch.tensor([3], dtype=torch.int32), copy, np.array([0, 1]), ["a"])
+    threading.Timer(0.05, copy.land).start()
+    assert watch.take(["a"]) == {"a": 3}

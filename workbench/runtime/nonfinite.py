@@ -36,9 +36,6 @@ from workbench.wire import NonfiniteBoard
 KEPT_REQUESTS = 4096
 """Requests whose marks are kept until taken; the oldest go first (e.g. of cancelled requests)."""
 
-LANDING_POLL_S = 0.0002
-"""How often the helper thread looks whether a step's marks have landed (a blocking wait would spin a core)."""
-
 
 @dataclass(frozen=True)
 class _StepMarks:
@@ -86,8 +83,14 @@ class NonfiniteWatch:
             return
         host = torch.empty(rows, dtype=self.marks.dtype, pin_memory=True)
         host.copy_(self.marks[:rows], non_blocking=True)
-        ready = torch.cuda.Event()
+        # A blocking event: the helper thread sleeps until the copy lands instead of
+        # spinning a core, and without the GIL, which the model's thread needs.
+        ready = torch.cuda.Event(blocking=True)
         ready.record()
+        self._queue(host, ready, starts, tags)
+
+    def _queue(self, host: Tensor, ready: Any, starts: np.ndarray, tags: list[str | None]) -> None:
+        """Hand a step's marks, landing once ``ready`` has, to the helper thread."""
         with self._lock:
             self._pending.append(_StepMarks(host, ready, starts, tags, time.monotonic()))
             if len(self._pending) == 1 and self._board is not None:
@@ -104,8 +107,7 @@ class NonfiniteWatch:
                 while not self._pending:
                     self._lock.wait()
                 step = self._pending[0]
-            while not step.ready.query():
-                time.sleep(LANDING_POLL_S)
+            step.ready.synchronize()
             with self._lock:
                 if self._pending and self._pending[0] is step:  # else a worker call read it meanwhile
                     self._pending.popleft()
@@ -140,16 +142,15 @@ class NonfiniteWatch:
     def take(self, tags: list[str]) -> dict[str, int]:
         """The lowest broken layer of each of these requests that had one, forgotten afterwards.
 
-        Marks still being copied are not waited for: the client asks once it
-        has a request's last token, which the GPU produced after the copy of
-        that step's marks (same stream), so those have landed (the helper
-        thread reads them within ``LANDING_POLL_S`` of that; a client that
-        asks sooner than that is answered from the board instead).
+        For a client that cannot read the board (another host): the marks
+        still being copied are waited for, since a finished request's last
+        step may be among them. That stalls the engine for up to a step,
+        which the board avoids.
         """
         with self._lock:
-            for step in list(self._pending):
-                if not step.ready.query():
-                    break
-                self._pending.popleft()
+            while self._pending:
+                step = self._pending.popleft()
+                if step.ready is not None:
+                    step.ready.synchronize()
                 self._read(step)
             return {tag: self._found.pop(tag) for tag in tags if tag in self._found}
