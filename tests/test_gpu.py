@@ -116,6 +116,30 @@ async def test_per_request_specs_in_one_graphed_batch_equal_solo(graphs):
     assert together[1] != together[0]
 
 
+async def test_a_broken_stream_is_flagged_from_the_board(graphs, monkeypatch):
+    """Under CUDA graphs the worker reads each steered step's inf/NaN marks on a
+    helper thread as their copy lands and posts them on the board: the request
+    steered past what the next norm can square is flagged at its layer, the
+    others are not, and no worker call asks for them."""
+    from workbench import wire
+
+    link = graphs._link
+    await link.ensure_ready()
+    assert link._board is not None
+    calls = []
+    ask = link.rpc
+
+    async def counted(method, *args):
+        calls.append(method)
+        return await ask(method, *args)
+
+    monkeypatch.setattr(link, "rpc", counted)
+    specs = [SteeringSpec(), spec(3, 5, 1e30), spec(3, 6, 0.05)]
+    replies = await graphs.generate(PROMPTS[:3], GREEDY, steering_spec=specs)
+    assert [reply.nonfinite_layer for reply in replies] == [None, 3, None]
+    assert wire.Rpc.TAKE_NONFINITE not in calls
+
+
 async def test_graphed_captures_equal_eager_captures(graphs, eager):
     steering = [spec(5, 7, 0.05), SteeringSpec(), spec(12, 8, 0.05, "prompt")]
     results = []
