@@ -90,14 +90,12 @@ class Lifecycle:
         started since this module began) to exit; fail if they do not."""
 
         def left() -> dict[int, str]:
-            alive = engine_processes()
-            return {pid: name for pid, name in alive.items() if processes is None or pid in processes}
+            alive = {pid: name for pid, name in engine_processes().items() if pid not in self.known}
+            return alive if processes is None else {pid: alive[pid] for pid in processes & alive.keys()}
 
         gc.collect()
         deadline = time.monotonic() + timeout_s
-        while (remaining := {pid: name for pid, name in left().items() if pid not in self.known}) and (
-            time.monotonic() < deadline
-        ):
+        while (remaining := left()) and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
         assert remaining == {}, f"engine processes still running after del: {sorted(remaining.values())}"
         self.cycles.append((arch, psutil.Process().memory_info().rss >> 20))
@@ -151,8 +149,8 @@ class EngineStarts:
         assert plan is not None, f"{request.node.name} has no engine plan"
         started = self._start(plan)
         items = request.session.items
-        following = items[items.index(request.node) + 1 : items.index(request.node) + 2]
-        upcoming = engine_plan(following[0], self.models) if following else None
+        place = items.index(request.node)
+        upcoming = engine_plan(items[place + 1], self.models) if place + 1 < len(items) else None
         engine = started.result()
         if upcoming is not None:
             self._start(upcoming)

@@ -284,7 +284,10 @@ class EngineLink:
         self._board_waiting.append((time.monotonic(), tag, future))
         if len(self._board_waiting) == 1:
             self._track(asyncio.ensure_future(self._watch_board()))
-        return await future
+        try:
+            return await future
+        except TimeoutError:  # the board stalled (see _watch_board)
+            return await self._ask_nonfinite(tag)
 
     async def _watch_board(self) -> None:
         """Answer the finished requests the board covers, every ``BOARD_POLL_S`` while some wait;
@@ -306,24 +309,12 @@ class EngineLink:
                 if through >= finished_at:
                     future.set_result(self._board.take(tag))
                 elif now - finished_at > BOARD_PATIENCE_S:
-                    self._track(asyncio.ensure_future(self._ask_into(tag, future)))
+                    future.set_exception(TimeoutError())
                 else:
                     waiting.append((finished_at, tag, future))
             self._board_waiting = waiting
             if waiting:
                 await asyncio.sleep(BOARD_POLL_S)
-
-    async def _ask_into(self, tag: str, future: asyncio.Future[int | None]) -> None:
-        try:
-            layer = await self._ask_nonfinite(tag)
-        except BaseException as error:
-            if not future.done():
-                future.set_exception(error)
-            if not isinstance(error, Exception):
-                raise
-        else:
-            if not future.done():
-                future.set_result(layer)
 
     async def _ask_nonfinite(self, tag: str) -> int | None:
         """Where steering broke this finished request's stream (``Rpc.TAKE_NONFINITE``),

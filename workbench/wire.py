@@ -316,6 +316,7 @@ class NonfiniteBoard:
     def __init__(self, found: int, through: int, paths: tuple[str, str]) -> None:
         self._found = found
         self._through = through
+        self._posted: float | None = None
         self.paths = paths
         """(found, through) file paths."""
 
@@ -336,7 +337,9 @@ class NonfiniteBoard:
         self.post_through(through)
 
     def post_through(self, through: float) -> None:
-        os.pwrite(self._through, _THROUGH.pack(through), 0)
+        if through != self._posted:  # on CPU it stays inf: no write per step
+            os.pwrite(self._through, _THROUGH.pack(through), 0)
+            self._posted = through
 
 
 class NonfiniteBoardReader:
@@ -348,7 +351,7 @@ class NonfiniteBoardReader:
         self._found: dict[str, int] = {}
 
     def through(self) -> float:
-        """The earliest of the boards' times; new lines are read first."""
+        """The earliest of the boards' times, after which the lines posted before them are read."""
         times = [_THROUGH.unpack(os.pread(through, _THROUGH.size, 0))[0] for _, through in self._boards]
         for index, (found, _) in enumerate(self._boards):
             chunk = found.read()
