@@ -359,7 +359,7 @@ def test_the_command_line_refuses_what_one_server_cannot_steer(option, capsys):
 def test_the_engine_arguments_get_the_runtime_added():
     from vllm import AsyncEngineArgs
 
-    from workbench import wire
+    from workbench import EngineConfigError, wire
     from workbench.config import steered_engine_args
 
     args = AsyncEngineArgs(
@@ -372,6 +372,8 @@ def test_the_engine_arguments_get_the_runtime_added():
     assert steered.dtype == "float32"
     with pytest.raises(Exception, match="worker extension"):
         steered_engine_args(AsyncEngineArgs(model="m", worker_extension_cls="other.Ext"), 8)
+    with pytest.raises(EngineConfigError, match="kv_sharing_fast_prefill"):
+        steered_engine_args(AsyncEngineArgs(model="m", kv_sharing_fast_prefill=True), 8)
 
 
 async def test_tickets_route_only_their_requests(tmp_path):

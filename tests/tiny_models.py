@@ -67,6 +67,21 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
     "granitemoe": {**_MOE, "num_local_experts": 4, "embedding_multiplier": 2.0, "residual_multiplier": 0.5},
     "bloom": {"n_head": 2, "n_layer": LAYERS, "tie_word_embeddings": True},
     "opt": {"ffn_dim": 2 * HIDDEN, "word_embed_proj_dim": HIDDEN, "do_layer_norm_before": True},
+    "gpt_oss": {**_MOE, "num_local_experts": 4, "head_dim": 32, "sliding_window": 128},
+    "llama4_text": {"num_experts_per_tok": 1, "num_local_experts": 4, "head_dim": 32},  # routes to one expert
+    "glm4": {"pad_token_id": 0},
+    "exaone4": {},
+    # Gemma 4: a small per-layer input table (262144 x 256 per layer by default); the last
+    # layer reads the KV cache of the one before (a layer of its own type).
+    "gemma4_text": {
+        "head_dim": 32,
+        "hidden_size_per_layer_input": 16,
+        "vocab_size_per_layer_input": VOCAB,
+        "layer_types": ["sliding_attention", "full_attention", "full_attention"],
+        "num_kv_shared_layers": 1,
+    },
+    "phi": {},
+    "olmo3": {},
     "nemotron": {"head_dim": 32},
 }
 """model_type -> what its tiny config sets beyond the shared decoder settings."""

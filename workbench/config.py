@@ -107,12 +107,19 @@ def steered_engine_args(
     the embedded model (``requested_model``) runs in float32, and a CPU
     engine reserves ``CPU_KV_CACHE_BYTES`` of KV cache. Everything else the
     caller set is kept; a worker extension of their own is refused, since
-    vLLM takes only one.
+    vLLM takes only one, and so is ``kv_sharing_fast_prefill``.
     """
     if args.worker_extension_cls and args.worker_extension_cls != wire.WORKER_EXTENSION:
         raise EngineConfigError(
             f"worker_extension_cls {args.worker_extension_cls!r}: a steered engine needs vLLM's "
             f"one worker extension slot for {wire.WORKER_EXTENSION}"
+        )
+    if args.kv_sharing_fast_prefill:
+        # vLLM then runs the layers after the KV-sharing ones (Gemma 3n, Gemma 4) on the rows
+        # that sample alone: the prompt's other rows there could be neither steered nor captured.
+        raise EngineConfigError(
+            "kv_sharing_fast_prefill=True: the layers after the KV-sharing ones would see only the "
+            "rows that sample, so a steered engine cannot steer or capture the others; leave it off"
         )
     extra = args.model_loader_extra_config or {}
     if not isinstance(extra, Mapping):

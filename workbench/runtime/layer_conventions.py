@@ -12,7 +12,8 @@ misread would be steered and captured silently wrong.
   The zeros are fresh at every call: the fused add-norm writes into its inputs.
 - ``STREAM_FIRST``: ``(stream, aux)``; the caller uses ``aux`` at most as the
   next layer's residual argument, which such layers ignore (Cohere passes the
-  layer's input, StableLM its mid-layer stream). Handed back as ``(steered, aux)``.
+  layer's input, StableLM and EXAONE 4 their mid-layer stream, Gemma 4
+  None). Handed back as ``(steered, aux)``.
 - ``SINGLE``: the stream as one tensor (Granite, GPT-2, GPT-J, Falcon, ...).
 - ``HF_LAYER``: a Hugging Face layer under vLLM's Transformers backend, for
   models vLLM has no native implementation of (OLMo2, GPT-NeoX, ...): the
@@ -98,17 +99,31 @@ CLAIMS: dict[str, LayerConvention] = {
             "Gemma2DecoderLayer",
             "Gemma3DecoderLayer",
             "OlmoeDecoderLayer",
+            "Glm4DecoderLayer",
+            "Llama4DecoderLayer",
+            "gpt_oss.TransformerBlock",
         ),
         PAIR_SUM,
     ),
-    **dict.fromkeys(("CohereDecoderLayer", "StablelmDecoderLayer"), STREAM_FIRST),
+    **dict.fromkeys(
+        (
+            "CohereDecoderLayer",  # Cohere, Cohere2
+            "StablelmDecoderLayer",
+            "Exaone4DecoderLayer",
+            "Gemma4DecoderLayer",  # returns (stream, None)
+        ),
+        STREAM_FIRST,
+    ),
     **dict.fromkeys(
         (
             "GraniteDecoderLayer",
             "GraniteMoeDecoderLayer",
             "GPT2Block",
             "GPTJBlock",
-            "GPTNeoXLayer",  # vLLM 0.26's native GPT-NeoX (0.32 runs it through the Transformers backend)
+            # vLLM 0.26's native GPT-NeoX, Phi and OLMo 3 (0.32 runs them through the Transformers backend)
+            "GPTNeoXLayer",
+            "PhiLayer",
+            "Olmo3DecoderLayer",
             "FalconDecoderLayer",
             "BloomBlock",
             "OPTDecoderLayer",
@@ -116,14 +131,16 @@ CLAIMS: dict[str, LayerConvention] = {
         SINGLE,
     ),
 }
-"""vLLM layer class name -> its convention (checked against Hugging Face by the parity tests)."""
+"""vLLM layer class name -> its convention (checked against Hugging Face by the parity tests).
+A class whose name says nothing of its model is claimed with its module's name (``gpt_oss.TransformerBlock``)."""
 
 
 def convention_of(layer: nn.Module, hf_backend: bool) -> LayerConvention:
     """The convention of ``layer`` (a layer of vLLM's Transformers backend when ``hf_backend``)."""
     if hf_backend:
         return HF_LAYER
-    convention = CLAIMS.get(type(layer).__name__)
+    name = type(layer).__name__
+    convention = CLAIMS.get(name) or CLAIMS.get(f"{type(layer).__module__.rsplit('.', 1)[-1]}.{name}")
     if convention is None:
         kinds = "; ".join(f"{c.name}: {c.summary}" for c in CONVENTIONS)
         raise UnsupportedModelError(
