@@ -20,6 +20,7 @@ tensors into lists, so tensors travel as safetensors bytes.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import struct
@@ -291,8 +292,27 @@ def make_handoff_folder(prefix: str = "workbench-captures-") -> tempfile.Tempora
 
 _THROUGH = struct.Struct("<d")
 
-BOARD_KEPT_REQUESTS = 4096
-"""Broken requests the client keeps until they are asked about; the oldest go first."""
+KEPT_BROKEN_REQUESTS = 4096
+"""Broken requests kept until they are asked about; the oldest go first (e.g. of cancelled requests)."""
+
+
+class BrokenLayers:
+    """Per steered request (its tag), the lowest layer where steering broke its
+    stream: kept by the worker that reads the marks and by the client reading
+    its board, for the ``KEPT_BROKEN_REQUESTS`` latest requests."""
+
+    def __init__(self) -> None:
+        self._layers: collections.OrderedDict[str, int] = collections.OrderedDict()
+
+    def note(self, tag: str, layer: int) -> None:
+        self._layers[tag] = min(layer, self._layers.get(tag, layer))
+        self._layers.move_to_end(tag)
+        while len(self._layers) > KEPT_BROKEN_REQUESTS:
+            self._layers.popitem(last=False)
+
+    def pop(self, tag: str) -> int | None:
+        """The request's lowest broken layer (forgotten afterwards), or None."""
+        return self._layers.pop(tag, None)
 
 
 class NonfiniteBoard:
@@ -348,7 +368,7 @@ class NonfiniteBoardReader:
     def __init__(self, boards: list[tuple[str, str]]) -> None:
         self._boards = [(open(found, "rb"), os.open(through, os.O_RDONLY)) for found, through in boards]  # noqa: SIM115
         self._partial = [b"" for _ in boards]
-        self._found: dict[str, int] = {}
+        self._found = BrokenLayers()
 
     def through(self) -> float:
         """The earliest of the boards' times, after which the lines posted before them are read."""
@@ -358,15 +378,12 @@ class NonfiniteBoardReader:
             if chunk:
                 *lines, self._partial[index] = (self._partial[index] + chunk).split(b"\n")
                 for line in lines:
-                    tag, layer = json.loads(line)
-                    self._found[tag] = min(layer, self._found.get(tag, layer))
-        while len(self._found) > BOARD_KEPT_REQUESTS:  # of requests never asked about (cancelled)
-            del self._found[next(iter(self._found))]
+                    self._found.note(*json.loads(line))
         return min(times)
 
     def take(self, tag: str) -> int | None:
         """The lowest broken layer of a request read so far (forgotten afterwards), or None."""
-        return self._found.pop(tag, None)
+        return self._found.pop(tag)
 
     def close(self) -> None:
         for found, through in self._boards:

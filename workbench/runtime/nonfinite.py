@@ -31,10 +31,7 @@ import torch
 from torch import Tensor
 
 from workbench.runtime.steering_tables import NO_LAYER
-from workbench.wire import NonfiniteBoard
-
-KEPT_REQUESTS = 4096
-"""Requests whose marks are kept until taken; the oldest go first (e.g. of cancelled requests)."""
+from workbench.wire import BrokenLayers, NonfiniteBoard
 
 
 @dataclass(frozen=True)
@@ -56,7 +53,7 @@ class NonfiniteWatch:
         self._lock = threading.Condition()
         """Guards what follows; the helper thread waits on it for steps to read."""
         self._pending: collections.deque[_StepMarks] = collections.deque()
-        self._found: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._found = BrokenLayers()
         self._board: NonfiniteBoard | None = None
         self._thread: threading.Thread | None = None
 
@@ -128,16 +125,10 @@ class NonfiniteWatch:
                 tag = step.tags[place]
                 if tag is not None:
                     layer = int(marks[row])
-                    self._note(tag, layer)
+                    self._found.note(tag, layer)
                     noted.append((tag, layer))
         if self._board is not None:
             self._board.post(noted, self._through())
-
-    def _note(self, tag: str, layer: int) -> None:
-        self._found[tag] = min(layer, self._found.get(tag, layer))
-        self._found.move_to_end(tag)
-        while len(self._found) > KEPT_REQUESTS:
-            self._found.popitem(last=False)
 
     def take(self, tags: list[str]) -> dict[str, int]:
         """The lowest broken layer of each of these requests that had one, forgotten afterwards.
@@ -153,4 +144,5 @@ class NonfiniteWatch:
                 if step.ready is not None:
                     step.ready.synchronize()
                 self._read(step)
-            return {tag: self._found.pop(tag) for tag in tags if tag in self._found}
+            found = {tag: self._found.pop(tag) for tag in tags}
+            return {tag: layer for tag, layer in found.items() if layer is not None}
