@@ -27,7 +27,7 @@ model: $(STAMP)
 	$(PY) -m workbench.embedded
 
 demo: setup
-	$(PY) scripts/steering_smoke.py --layer 4 --scale 8 --max-tokens 32
+	$(PY) scripts/steering_smoke.py --layer 4 --scale 60 --max-tokens 32
 
 lint: setup
 	$(VENV)/bin/ruff check workbench tests scripts bench

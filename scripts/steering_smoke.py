@@ -1,6 +1,6 @@
 """Quick steering check: baseline text, then text with a random vector added at one layer.
 
-python scripts/steering_smoke.py --layer 2 --scale 8 --max-tokens 32
+python scripts/steering_smoke.py --layer 4 --scale 60 --max-tokens 32
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-name", default=DEFAULT_MODEL_NAME)
     parser.add_argument("--layer", type=int, default=2)
-    parser.add_argument("--scale", type=float, default=8.0, help="norm of the added vector (random direction)")
+    parser.add_argument("--scale", type=float, default=60.0, help="norm of the added vector (random direction)")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--prompt", default="Question: What is the capital of France? Answer:")
     parser.add_argument("--seed", type=int, default=0)
