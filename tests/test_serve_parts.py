@@ -376,6 +376,26 @@ def test_the_engine_arguments_get_the_runtime_added():
         steered_engine_args(AsyncEngineArgs(model="m", kv_sharing_fast_prefill=True), 8)
 
 
+def test_a_cpu_engine_runs_its_one_worker_in_the_engine_core():
+    """The class, not the name "uni" (vLLM's CPU platform swaps that for its multiprocessing
+    executor); a backend the caller names, or several workers, keep vLLM's choice."""
+    from vllm import AsyncEngineArgs
+    from vllm.v1.executor.uniproc_executor import UniProcExecutor
+
+    from workbench.config import steered_engine_args
+
+    assert steered_engine_args(AsyncEngineArgs(model="m"), 8).distributed_executor_backend is UniProcExecutor
+    assert (
+        steered_engine_args(
+            AsyncEngineArgs(model="m", distributed_executor_backend="mp"), 8
+        ).distributed_executor_backend
+        == "mp"
+    )
+    assert (
+        steered_engine_args(AsyncEngineArgs(model="m", tensor_parallel_size=2), 8).distributed_executor_backend is None
+    )
+
+
 async def test_tickets_route_only_their_requests(tmp_path):
     from workbench.serve.steering import ServerSteering
 

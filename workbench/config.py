@@ -105,7 +105,8 @@ def steered_engine_args(
 
     Also the defaults a steered engine takes where the caller left vLLM's:
     the embedded model (``requested_model``) runs in float32, and a CPU
-    engine reserves ``CPU_KV_CACHE_BYTES`` of KV cache. Everything else the
+    engine reserves ``CPU_KV_CACHE_BYTES`` of KV cache and runs its one worker
+    in the engine-core process. Everything else the
     caller set is kept; a worker extension of their own is refused, since
     vLLM takes only one, and so is ``kv_sharing_fast_prefill``.
     """
@@ -140,7 +141,28 @@ def steered_engine_args(
         # On CPU, vLLM otherwise reserves gpu_memory_utilization of *host*
         # memory, so a second engine in the same machine cannot start.
         changes["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
+    if is_cpu_platform() and args.distributed_executor_backend is None and _one_worker(args):
+        changes["distributed_executor_backend"] = _in_engine_core_executor()
     return dataclasses.replace(args, **changes)
+
+
+def _one_worker(args: Any) -> bool:
+    return args.tensor_parallel_size * args.pipeline_parallel_size * args.data_parallel_size == 1
+
+
+def _in_engine_core_executor() -> type:
+    """vLLM's executor that runs the one worker inside the engine-core process.
+
+    vLLM's CPU platform swaps its name ("uni") for the multiprocessing executor,
+    to set up OpenMP in a fresh process. The engine core is itself a freshly
+    spawned process, so a second one buys nothing there and costs: two
+    processes each importing vLLM (~8 s more per engine start on 2 cores) and
+    competing for the cores (~2/3 of the throughput). Given as a class, the
+    executor is taken as it is.
+    """
+    from vllm.v1.executor.uniproc_executor import UniProcExecutor
+
+    return UniProcExecutor
 
 
 def engine_args(cfg: VLLMSteeringConfig, enforce_eager: bool, **engine_kwargs: Any) -> Any:
