@@ -6,9 +6,11 @@ weights with room to spare: so several pytest processes run at once, each
 taking its shapes one by one (both model runners of a shape in the same lane,
 the second start then finds the first's compiled graphs in vLLM's cache).
 Shapes are spread so that each lane gets a similar number of layers to
-compile. Each lane stops at ``--deadline`` seconds; the summary says what ran.
+compile. Each lane is interrupted at ``--deadline`` seconds and killed
+``GRACE_S`` later (an engine starting up may not stop sooner); the summary says
+what ran, and each failure's traceback is in its lane's log as soon as it fails.
 
-    python3 bench/shape_lanes.py [--lanes 4] [--deadline 540] [--logs DIR] [-k EXPR]
+    python3 bench/shape_lanes.py [--lanes 4] [--deadline 500] [--logs DIR] [-k EXPR]
 """
 
 from __future__ import annotations
@@ -23,8 +25,11 @@ import sys
 import time
 from pathlib import Path
 
+from lane_report import OUTCOME
+
 HERE = Path(__file__).parent
 TESTS = "tests/test_gpu_architectures.py"
+GRACE_S = 30.0
 
 
 def shape_weight(shape: Path) -> int:
@@ -47,7 +52,7 @@ def lanes_of(shapes: list[Path], count: int) -> list[list[str]]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lanes", type=int, default=4)
-    parser.add_argument("--deadline", type=float, default=540.0, help="seconds before each lane is interrupted")
+    parser.add_argument("--deadline", type=float, default=500.0, help="seconds before each lane is interrupted")
     parser.add_argument("--logs", type=Path, default=Path(os.environ.get("OUT", "/tmp")), help="where lane logs go")
     parser.add_argument("-k", dest="keyword", help="pytest -k expression applied in every lane")
     args = parser.parse_args()
@@ -59,11 +64,14 @@ def main() -> int:
         selection = " or ".join(names)
         keyword = f"({selection})" + (f" and ({args.keyword})" if args.keyword else "")
         log = args.logs / f"lane{index}.log"
-        command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA", "--tb=short", "--durations=0"]
+        command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "bench.lane_report"]
+        command += ["-rA", "--tb=short", "--durations=0"]
         command += [TESTS, "-k", keyword]
         print(f"lane {index}: {', '.join(names)} -> {log}", flush=True)
         with open(log, "wb") as out:
-            processes.append((index, log, subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)))
+            # A session of its own: killing the lane also kills its engine's processes.
+            lane = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            processes.append((index, log, lane))
         time.sleep(5)  # staggered: the first seconds of an engine start are the busiest on the CPU
     deadline = time.monotonic() + args.deadline
     for _, _, process in processes:
@@ -73,10 +81,14 @@ def main() -> int:
             process.send_signal(signal.SIGINT)  # pytest reports what ran so far
     failed = False
     for index, log, process in processes:
-        process.wait()
+        try:
+            process.wait(max(1.0, deadline + GRACE_S - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
         failed |= process.returncode != 0
-        outcomes = re.findall(r"^(PASSED|FAILED|ERROR) (\S+)", log.read_text(errors="replace"), re.MULTILINE)
-        for outcome, test in outcomes:
+        text = log.read_text(errors="replace")
+        for outcome, test in re.findall(rf"^{OUTCOME} (\w+) (\S+)", text, re.MULTILINE):
             print(f"lane {index}: {outcome} {test.split('::')[-1]}")
         print(f"lane {index}: exit {process.returncode}")
     return 1 if failed else 0

@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
 
 from vllm import SamplingParams  # noqa: E402
 
-from workbench import AddSpec, LayerSteeringSpec, SteeringSpec, VLLMSteeringConfig, VLLMSteerModel  # noqa: E402
+from workbench import AblationSpec, AddSpec, LayerSteeringSpec, SteeringSpec, VLLMSteeringConfig, VLLMSteerModel  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -120,7 +120,8 @@ async def test_a_broken_stream_is_flagged_from_the_board(graphs, monkeypatch):
     """Under CUDA graphs the worker reads each steered step's inf/NaN marks on a
     helper thread as their copy lands and posts them on the board: the request
     steered past what the next norm can square is flagged at its layer, the
-    others are not, and no worker call asks for them."""
+    others are not, and no worker call asks for them. An ablation scale the
+    dtype holds breaks the stream (an add that large is refused up front)."""
     from workbench import wire
 
     link = graphs._link
@@ -134,7 +135,9 @@ async def test_a_broken_stream_is_flagged_from_the_board(graphs, monkeypatch):
         return await ask(method, *args)
 
     monkeypatch.setattr(link, "rpc", counted)
-    specs = [SteeringSpec(), spec(3, 5, 1e30), spec(3, 6, 0.05)]
+    direction = torch.randn(576, generator=torch.Generator().manual_seed(5))
+    broken = SteeringSpec({3: LayerSteeringSpec(ablation=AblationSpec(direction, scale=1e30))})
+    specs = [SteeringSpec(), broken, spec(3, 6, 0.05)]
     replies = await graphs.generate(PROMPTS[:3], GREEDY, steering_spec=specs)
     assert [reply.nonfinite_layer for reply in replies] == [None, 3, None]
     assert wire.Rpc.TAKE_NONFINITE not in calls
