@@ -205,6 +205,7 @@ async def main(args: argparse.Namespace) -> None:
     from vllm.v1.engine.async_llm import AsyncLLM
 
     from workbench import VLLMSteeringConfig, VLLMSteerModel
+    from workbench.config import in_engine_core_executor, is_cpu_platform
     from workbench.embedded import resolve_model_name
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # both engines fit beside each other on CPU
@@ -218,6 +219,10 @@ async def main(args: argparse.Namespace) -> None:
     # Every configuration reruns the same prompts; with prefix caching the engine that
     # runs fewer configurations (plain vLLM) would keep its prompts cached and skip prefill.
     engine_kwargs = {"enable_prefix_caching": False, **dict(preset.engine_kwargs)}
+    if is_cpu_platform():
+        # A steered CPU engine runs its worker in the engine core; plain vLLM gets the
+        # same executor, so the ratios measure steering and capture, not the executor.
+        engine_kwargs["distributed_executor_backend"] = in_engine_core_executor()
     cfg = VLLMSteeringConfig(
         model_name=preset.model,
         dtype=preset.dtype,
@@ -228,8 +233,6 @@ async def main(args: argparse.Namespace) -> None:
         engine_kwargs=engine_kwargs,
     )
     if enforce_eager is None:
-        from workbench.config import is_cpu_platform
-
         enforce_eager = is_cpu_platform()
 
     def plain_engine() -> AsyncLLM:

@@ -142,7 +142,7 @@ def steered_engine_args(
         # memory, so a second engine in the same machine cannot start.
         changes["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
     if is_cpu_platform() and args.distributed_executor_backend is None and _one_worker(args):
-        changes["distributed_executor_backend"] = _in_engine_core_executor()
+        changes["distributed_executor_backend"] = in_engine_core_executor()
     return dataclasses.replace(args, **changes)
 
 
@@ -150,7 +150,7 @@ def _one_worker(args: Any) -> bool:
     return args.tensor_parallel_size * args.pipeline_parallel_size * args.data_parallel_size == 1
 
 
-def _in_engine_core_executor() -> type:
+def in_engine_core_executor() -> type:
     """vLLM's executor that runs the one worker inside the engine-core process.
 
     vLLM's CPU platform swaps its name ("uni") for the multiprocessing executor,
