@@ -10,7 +10,7 @@ compile. Each lane is interrupted at ``--deadline`` seconds and killed
 ``GRACE_S`` later (an engine starting up may not stop sooner); the summary says
 what ran, and each failure's traceback is in its lane's log as soon as it fails.
 
-    python3 bench/shape_lanes.py [--lanes 4] [--deadline 500] [--logs DIR] [-k EXPR]
+    python3 bench/shape_lanes.py [--lanes 4] [--deadline 500] [--logs DIR] [--shapes REGEX] [-k EXPR]
 """
 
 from __future__ import annotations
@@ -55,8 +55,13 @@ def main() -> int:
     parser.add_argument("--deadline", type=float, default=500.0, help="seconds before each lane is interrupted")
     parser.add_argument("--logs", type=Path, default=Path(os.environ.get("OUT", "/tmp")), help="where lane logs go")
     parser.add_argument("-k", dest="keyword", help="pytest -k expression applied in every lane")
+    parser.add_argument("--shapes", default="", help="regex: only the shapes whose folder name it finds")
     args = parser.parse_args()
-    shapes = sorted(path for path in (HERE / "models").iterdir() if (path / "config.json").exists())
+    shapes = sorted(
+        path
+        for path in (HERE / "models").iterdir()
+        if (path / "config.json").exists() and re.search(args.shapes, path.name)
+    )
     args.logs.mkdir(parents=True, exist_ok=True)
     processes = []
     for index, names in enumerate(lanes_of(shapes, args.lanes)):

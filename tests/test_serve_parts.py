@@ -470,3 +470,30 @@ def test_recent_specs_parse_equal_content_once_and_keep_the_newest(store):
     scaled["layers"]["1"]["add"]["scale"] = True  # equal to 1 in Python, not in JSON
     with pytest.raises(SpecError):
         specs.parse(scaled, MODEL, store)
+
+
+def test_recent_specs_remember_names_until_their_file_changes(store):
+    """A name is parsed once per version of its file: one written over HTTP (PUT) is read anew."""
+    specs = RecentSpecs()
+    first = specs.parse({"name": "sea", "scale": 3.0}, MODEL, store)
+    assert specs.parse({"name": "sea", "scale": 3.0}, MODEL, store) is first
+    assert specs.parse({"name": "sea", "scale": 4.0}, MODEL, store).layers[3].add.scale == 4.0
+    assert specs.parse("joy", MODEL, store) is specs.parse("joy", MODEL, store)
+    replacement = SteeringSpec({5: LayerSteeringSpec(add=AddSpec(vector(9)))})
+    store.put("sea", replacement)  # the first folder's "sea" now hides the second's
+    assert specs.parse({"name": "sea"}, MODEL, store) == replacement
+    assert specs.parse({"name": "sea", "scale": 3.0}, MODEL, store).layers.keys() == {5}
+    rewritten = SteeringSpec({5: LayerSteeringSpec(add=AddSpec(vector(10)))})
+    store.put("sea", rewritten)  # the same folder, a file of the same size, within a timestamp's granularity
+    assert specs.parse({"name": "sea"}, MODEL, store) == rewritten
+    with pytest.raises(SpecError):
+        specs.parse({"name": "nowhere"}, MODEL, store)
+
+
+def test_recent_specs_parse_vectors_given_as_lists_each_time(store):
+    """A key of every number of a listed vector took longer to build than parsing it."""
+    specs = RecentSpecs()
+    value = SteeringSpec({2: LayerSteeringSpec(add=AddSpec(vector(5)))}).to_dict()
+    first = specs.parse(value, MODEL, store)
+    again = specs.parse(value, MODEL, store)
+    assert again is not first and again == first

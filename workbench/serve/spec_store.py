@@ -49,7 +49,7 @@ class SpecStore:
 
     def __init__(self, folders: Sequence[str | os.PathLike[str]]) -> None:
         self.folders = [Path(folder) for folder in folders]
-        self._cache: dict[Path, tuple[tuple[int, int], Any]] = {}
+        self._cache: dict[Path, tuple[tuple[int, int, int], Any]] = {}
 
     def _entry(self, folder: Path, name: str) -> StoredEntry | None:
         path = folder / f"{name}.safetensors"
@@ -82,9 +82,14 @@ class SpecStore:
             f"no spec or vector named {name!r} ({where}); known: {known[:20]}" + (" ..." if len(known) > 20 else "")
         )
 
+    def version(self, name: Any) -> tuple[Path, tuple[int, int, int]]:
+        """Which file ``name`` is now, and its version: changed when the name
+        is written, deleted or shadowed."""
+        path = self.find(name).path
+        return path, _stamp(path)
+
     def _cached(self, path: Path, load: Any) -> Any:
-        stat = path.stat()
-        key = (stat.st_mtime_ns, stat.st_size)
+        key = _stamp(path)
         hit = self._cache.get(path)
         if hit is not None and hit[0] == key:
             return hit[1]
@@ -143,3 +148,10 @@ class SpecStore:
         except SpecError as exc:
             summary["error"] = str(exc)
         return summary
+
+
+def _stamp(path: Path) -> tuple[int, int, int]:
+    """A file's version: a write (a new file renamed into place) changes its inode
+    even within the file system's timestamp granularity."""
+    stat = path.stat()
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
