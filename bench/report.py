@@ -80,9 +80,9 @@ def serve_table(result: dict) -> str:
 
 
 def main() -> None:
-    cpu_eager = load("2026-11-27-cpu-x86_64-2cores-5befcbe-eager.json")
+    cpu_eager = load("2026-12-05-cpu-x86_64-2cores-80748cc-eager.json")
+    cpu_mp = load("2026-11-27-cpu-x86_64-2cores-5befcbe-eager.json")
     cpu_graphs = load("2026-11-27-cpu-x86_64-2cores-b923f8c-graphs.json")
-    cpu_capture = load("2026-12-02-cpu-x86_64-2cores-104c900-eager.json")
     gpu = load("2026-11-27-nvidia-h200-ecb1068-graphs.json")
     gpu_eager = load("2026-11-27-nvidia-h200-ecb1068-eager.json")
     capture_first = load("2026-12-04-nvidia-h200-0ba44f7-capture.json")
@@ -98,10 +98,11 @@ def main() -> None:
         cpu_workload=workload(cpu_eager),
         cpu_eager_startup=startup(cpu_eager),
         cpu_eager_table=table(cpu_eager),
+        cpu_mp_workload=workload(cpu_mp),
+        cpu_mp_startup=startup(cpu_mp),
+        cpu_mp_table=table(cpu_mp),
         cpu_graphs_startup=startup(cpu_graphs),
         cpu_graphs_table=table(cpu_graphs),
-        cpu_capture_workload=workload(cpu_capture),
-        cpu_capture_table=table(cpu_capture),
         gpu_versions=versions(gpu, "vLLM"),
         gpu_workload=workload(gpu),
         gpu_startup=startup(gpu),
