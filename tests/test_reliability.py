@@ -211,14 +211,24 @@ def test_property_cap_bounds_must_be_ordered(low, gap):
 
 
 async def test_worker_rpc_times_out_instead_of_hanging(model):
+    """A worker that stops answering (here: its engine process is stopped with
+    SIGSTOP) turns a worker call into a ``WorkerTimeoutError``; once it answers
+    again, so does the engine."""
+    cores = [p for p in psutil.Process().children(recursive=True) if "EngineCore" in p.name()]
+    assert cores, "no vLLM engine-core process to stop"
+    await model.worker_stats()  # the workers' one-time setup call is done
     timeout = model.cfg.rpc_timeout_s
-    model.cfg.rpc_timeout_s = 1e-4
+    model.cfg.rpc_timeout_s = 0.5
+    for core in cores:
+        core.suspend()
     try:
         with pytest.raises(WorkerTimeoutError, match="workbench_stats"):
             await model.worker_stats()
     finally:
+        for core in cores:
+            core.resume()
         model.cfg.rpc_timeout_s = timeout
-    assert (await model.worker_stats())[0]["captures"] >= 0  # and the engine still answers
+    assert (await model.worker_stats())[0]["captures"] >= 0
 
 
 # -- isolation under load ----------------------------------------------------------
