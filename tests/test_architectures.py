@@ -6,7 +6,8 @@ add, projection cap, ablation and position-targeted steering in one batch
 must give HF's greedy tokens and HF's residual streams at every layer
 (per-token cosine >= 0.99999, max abs error <= 2e-3 of the largest value),
 and clearing the steering must give the baseline back. Eager mode for every
-architecture, compiled mode for one of each layer convention.
+architecture; compiled mode, and two tensor-parallel workers, for one of
+each layer convention.
 
 The engines double as the lifecycle check: each is dropped with ``del`` (or
 fails to start), after which none of its engine processes may be left, and
@@ -53,6 +54,10 @@ NEW_TOKENS = 8
 SUPPORTED = [arch for arch in ARCHITECTURES if arch != "nemotron"]
 COMPILED = ["llama", "gemma2", "cohere", "gpt2"]
 """One architecture per layer convention, plus Gemma2's extra norms, in vLLM's compiled mode."""
+TENSOR_PARALLEL = {"llama": True, "qwen3_moe": True, "cohere": True, "gpt2": False, "olmo2": True}
+"""Architecture -> eager, run with two tensor-parallel workers: one per layer
+convention (the HF-layer one under vLLM's Transformers backend), plus a
+mixture of experts whose experts are split between the workers."""
 
 LIFECYCLE_CYCLES = 20
 MEMORY_GROWTH_MB = 100
@@ -113,6 +118,7 @@ class EnginePlan:
     folder: Path
     dtype: str = "float32"
     eager: bool = True
+    tensor_parallel: int = 1
 
 
 def engine_plan(item: pytest.Item, models: Path) -> EnginePlan | None:
@@ -120,7 +126,8 @@ def engine_plan(item: pytest.Item, models: Path) -> EnginePlan | None:
     params = item.callspec.params if hasattr(item, "callspec") else {}
     name = getattr(item, "originalname", None)
     if name == "test_architecture_steers_and_captures_as_hf":
-        return EnginePlan(tiny_model(params["arch"], models / params["arch"]), eager=params["eager"])
+        folder = tiny_model(params["arch"], models / params["arch"])
+        return EnginePlan(folder, eager=params["eager"], tensor_parallel=params["tp"])
     if name == "test_half_precision_steers_as_hf_computing_in_float32":
         dtype = params["dtype"]
         return EnginePlan(tiny_model("llama", models / f"llama-{dtype}", dtype=getattr(torch, dtype)), dtype)
@@ -165,7 +172,8 @@ class EngineStarts:
     @staticmethod
     def _run(plan: EnginePlan) -> tuple[VLLMSteerModel, set[int]]:
         before = set(engine_processes())
-        model = VLLMSteerModel(engine_config(plan.folder, plan.dtype), enforce_eager=plan.eager)
+        config = engine_config(plan.folder, plan.dtype, tensor_parallel_size=plan.tensor_parallel)
+        model = VLLMSteerModel(config, enforce_eager=plan.eager)
         return model, set(engine_processes()) - before
 
     def close(self) -> None:
@@ -207,11 +215,17 @@ def engine_config(folder: Path, dtype: str = "float32", **overrides) -> VLLMStee
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "arch, eager",
-    [(arch, True) for arch in SUPPORTED] + [(arch, False) for arch in COMPILED],
-    ids=[*SUPPORTED, *(f"{arch}-compiled" for arch in COMPILED)],
+    "arch, eager, tp",
+    [(arch, True, 1) for arch in SUPPORTED]
+    + [(arch, False, 1) for arch in COMPILED]
+    + [(arch, eager, 2) for arch, eager in TENSOR_PARALLEL.items()],
+    ids=[
+        *SUPPORTED,
+        *(f"{arch}-compiled" for arch in COMPILED),
+        *(f"{arch}-tp2{'' if eager else '-compiled'}" for arch, eager in TENSOR_PARALLEL.items()),
+    ],
 )
-async def test_architecture_steers_and_captures_as_hf(arch, eager, models, lifecycle, engine_starts, request):
+async def test_architecture_steers_and_captures_as_hf(arch, eager, tp, models, lifecycle, engine_starts, request):
     from transformers import AutoModelForCausalLM
 
     model, processes = engine_starts.take(request)
