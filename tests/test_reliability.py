@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
+import os
 import random
+import sys
 from pathlib import Path
 
 import psutil
@@ -430,3 +433,46 @@ async def test_cancelled_request_frees_its_capture(model):
     with pytest.raises(asyncio.CancelledError):
         await task
     assert (await drained_stats(model))["captures"] == 0
+
+
+KILLED_CLIENT = """
+import asyncio, json, sys, time
+from workbench import VLLMSteeringConfig, VLLMSteerModel
+
+async def main():
+    model = VLLMSteerModel(VLLMSteeringConfig(dtype="float32", max_model_len=256))
+    await model.generate("The capital of France is", max_tokens=4, capture_layers=[1, 2])  # rows left unfetched
+    print(json.dumps({"folder": model._link.handoff_folder}), flush=True)
+    time.sleep(600)
+
+if __name__ == "__main__":
+    asyncio.run(main())
+"""
+
+
+@pytest.mark.slow
+async def test_an_engine_whose_client_is_killed_shuts_down_and_removes_its_captures(tmp_path):
+    """A process that dies without closing its engine (a notebook kernel killed on
+    restart, the OOM killer) leaves neither a running engine (its memory, on a GPU
+    the card) nor captured rows in shared memory behind."""
+    script = tmp_path / "client.py"
+    script.write_text(KILLED_CLIENT)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    client = await asyncio.create_subprocess_exec(
+        sys.executable, str(script), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, env=env
+    )
+    try:
+        line = b""
+        while not line.startswith(b'{"folder"'):  # after vLLM's log lines
+            line = await asyncio.wait_for(client.stdout.readline(), 300)
+            assert line, "the client exited before its capture"
+        folder = Path(json.loads(line)["folder"])
+        assert any(folder.glob("*.rows"))
+        engine = [p for p in psutil.Process(client.pid).children(recursive=True) if "EngineCore" in p.name()]
+        assert engine, "the client started no engine-core process"
+    finally:
+        client.kill()
+        await client.wait()
+    gone, alive = psutil.wait_procs(engine, timeout=60)
+    assert not alive, f"engine processes still running 60 s after their client died: {alive}"
+    assert not folder.exists()

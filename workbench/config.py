@@ -106,7 +106,8 @@ def steered_engine_args(
     Also the defaults a steered engine takes where the caller left vLLM's:
     the embedded model (``requested_model``) runs in float32, and a CPU
     engine reserves ``CPU_KV_CACHE_BYTES`` of KV cache and runs its one worker
-    in the engine-core process. Everything else the
+    in the engine-core process. The engine's processes learn this process's id
+    (``wire.CLIENT_PID_ENV``), to shut down if it dies. Everything else the
     caller set is kept; a worker extension of their own is refused, since
     vLLM takes only one, and so is ``kv_sharing_fast_prefill``.
     """
@@ -143,6 +144,8 @@ def steered_engine_args(
         changes["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
     if is_cpu_platform() and args.distributed_executor_backend is None and _one_worker(args):
         changes["distributed_executor_backend"] = in_engine_core_executor()
+    # The engine's processes are spawned from this one and inherit its environment.
+    os.environ[wire.CLIENT_PID_ENV] = str(os.getpid())
     return dataclasses.replace(args, **changes)
 
 

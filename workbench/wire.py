@@ -54,6 +54,12 @@ SETTINGS_KEY = "workbench"
 EXTRA_ARGS_KEY = "workbench"
 """Key of a request's payload inside ``SamplingParams.extra_args``."""
 
+CLIENT_PID_ENV = "WORKBENCH_CLIENT_PID"
+"""Environment variable naming the process that starts a steered engine; the
+engine's processes inherit it and shut the engine down when that process dies
+(``workbench.runtime.client_watch``). Not in ``additional_config``: that salts
+vLLM's compile cache, which a process id would defeat."""
+
 MODEL_RUNNER_ENV = {"v1": {"VLLM_USE_V2_MODEL_RUNNER": "0"}, "v2": {"VLLM_USE_V2_MODEL_RUNNER": "1"}, "auto": {}}
 """Environment that selects vLLM's model runner in the engine processes
 (``VLLMSteeringConfig.model_runner``; the runtime drives both, see
