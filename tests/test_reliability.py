@@ -10,7 +10,9 @@ import gc
 import json
 import os
 import random
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import psutil
@@ -37,6 +39,7 @@ from workbench import (
     SteeringSpec,
     WorkerTimeoutError,
 )
+from workbench.wire import HandoffFolder
 
 HIDDEN, LAYERS = 576, 30
 PROMPTS = [
@@ -391,10 +394,11 @@ async def test_thousand_capture_requests_leave_no_trace(model):
             stats = await drained_stats(model)
             memory.append(engine_rss_mib())
     assert stats["captures"] == 0 and stats["released"] == 0
-    # What stays in the hand-off folder is the files kept for reuse and the inf/NaN board's two, nothing else.
+    # What stays in the hand-off folder is the files kept for reuse, the inf/NaN board's two
+    # and the folder's owner lock, nothing else.
     folder = Path(model._link.handoff_folder)
     assert len(list(folder.glob("*.rows"))) == stats["recycled_files"] > 0
-    assert len(list(folder.iterdir())) == stats["recycled_files"] + 2
+    assert len(list(folder.iterdir())) == stats["recycled_files"] + 3
     growth = memory[1] - memory[0]
     print(f"memory after 250 requests {memory[0]:.0f} MiB, after 1000 {memory[1]:.0f} MiB, growth {growth:.1f} MiB")
     assert growth < bound_mib, f"memory grew {growth:.0f} MiB over 750 capture requests (bound {bound_mib} MiB)"
@@ -476,3 +480,33 @@ async def test_an_engine_whose_client_is_killed_shuts_down_and_removes_its_captu
     gone, alive = psutil.wait_procs(engine, timeout=60)
     assert not alive, f"engine processes still running 60 s after their client died: {alive}"
     assert not folder.exists()
+
+
+def test_a_folder_left_by_a_killed_process_is_removed_when_the_next_is_made(tmp_path):
+    """A process killed with its engine (SIGKILL to a kernel's process group) runs no
+    clean-up: its hand-off folder, unfetched rows and all, goes when the next is made;
+    the folders of live processes stay."""
+    prefix = f"workbench-test-{os.getpid()}-"
+    maker = (
+        "import sys, time; from workbench.wire import HandoffFolder; "
+        f"folder = HandoffFolder({prefix!r}); open(folder.name + '/rows', 'wb').write(bytes(4096)); "
+        "print(folder.name, flush=True); time.sleep(600)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    killed = subprocess.Popen([sys.executable, "-c", maker], stdout=subprocess.PIPE, env=env, text=True)
+    try:
+        abandoned = Path(killed.stdout.readline().strip())
+        assert (abandoned / "rows").exists()
+    finally:
+        killed.kill()
+        killed.wait()
+    live = HandoffFolder(prefix)
+    unowned = Path(tempfile.mkdtemp(prefix=prefix, dir=Path(live.name).parent))  # no owner: left alone
+    try:
+        newest = HandoffFolder(prefix)
+        assert not abandoned.exists()
+        assert Path(live.name).exists() and unowned.exists()
+        newest.cleanup()
+    finally:
+        live.cleanup()
+        unowned.rmdir()

@@ -127,7 +127,7 @@ class EngineLink:
         self._nonfinite_asked_at = float("-inf")
         """Event-loop time of the last ``Rpc.TAKE_NONFINITE`` call."""
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._handoff = wire.make_handoff_folder()
+        self._handoff = wire.HandoffFolder()
         self.handoff_folder: str | None = self._handoff.name
         """Where workers write capture files (if they cannot see it, rows come inline in the fetch reply)."""
         if capture_budget == "auto":

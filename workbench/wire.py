@@ -21,8 +21,10 @@ tensors into lists, so tensors travel as safetensors bytes.
 from __future__ import annotations
 
 import collections
+import fcntl
 import json
 import os
+import shutil
 import struct
 import tempfile
 import uuid
@@ -284,14 +286,51 @@ class FetchReply:
 SHARED_MEMORY = Path("/dev/shm")
 
 
-def make_handoff_folder(prefix: str = "workbench-captures-") -> tempfile.TemporaryDirectory[str]:
+class HandoffFolder:
     """A folder for capture files: in shared memory where the host has it.
 
     The client makes one and names it in each capturing request; a worker
     that cannot see it (another host) makes its own and sends rows inline.
+    Its maker holds a lock on the folder's ``OWNER`` file while it lives, so a
+    folder left behind by a process killed outright (SIGKILL: a notebook
+    kernel's process group on a forced restart), captured rows and all, is
+    unlocked, and removed when the next folder is made.
     """
-    parent = SHARED_MEMORY if SHARED_MEMORY.is_dir() else None
-    return tempfile.TemporaryDirectory(prefix=prefix, dir=parent)
+
+    OWNER = ".owner"
+
+    def __init__(self, prefix: str = "workbench-captures-") -> None:
+        parent = SHARED_MEMORY if SHARED_MEMORY.is_dir() else Path(tempfile.gettempdir())
+        remove_abandoned_folders(parent, prefix)
+        self._folder = tempfile.TemporaryDirectory(prefix=prefix, dir=parent)
+        self.name = self._folder.name
+        # Locked before it takes its name: a folder's OWNER file is never seen unlocked while its maker lives.
+        unnamed = Path(self.name) / f"{self.OWNER}-{uuid.uuid4().hex}"
+        self._lock = os.open(unnamed, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
+        unnamed.rename(Path(self.name) / self.OWNER)
+
+    def cleanup(self) -> None:
+        self._folder.cleanup()
+        if self._lock >= 0:
+            os.close(self._lock)
+            self._lock = -1
+
+
+def remove_abandoned_folders(parent: Path, prefix: str) -> None:
+    """Remove the folders named ``prefix*`` in ``parent`` whose maker is gone (their OWNER file is unlocked)."""
+    for folder in parent.glob(f"{prefix}*"):
+        try:
+            lock = os.open(folder / HandoffFolder.OWNER, os.O_RDONLY)
+        except OSError:  # another user's, or made before folders had owners
+            continue
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # its maker is alive
+        finally:
+            os.close(lock)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 # -- the inf/NaN board -----------------------------------------------------------

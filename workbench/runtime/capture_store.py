@@ -25,7 +25,6 @@ import logging
 import mmap
 import os
 import queue
-import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ from torch import Tensor
 
 from workbench.errors import CaptureError
 from workbench.runtime.capture_space import RowSpace, Window
-from workbench.wire import SHARED_MEMORY, CaptureRequest, FetchReply, make_handoff_folder
+from workbench.wire import SHARED_MEMORY, CaptureRequest, FetchReply, HandoffFolder
 
 logger = logging.getLogger(__name__)
 
@@ -286,7 +285,7 @@ class CaptureStore:
         ordered = sorted(layers)
         self._lane_of = {layer: place * max(threads, 1) // len(ordered) for place, layer in enumerate(ordered)}
         """Layer -> helper thread: neighbouring layers share one, so a step's rows of a run of layers are one copy."""
-        self._private: tempfile.TemporaryDirectory[str] | None = None
+        self._private: HandoffFolder | None = None
         """Files of clients this worker cannot see (another host) go here, and travel inline."""
         self._records: dict[str, CaptureRecord] = {}
         self._failed: dict[str, str] = {}
@@ -413,7 +412,7 @@ class CaptureStore:
         folder = Path(capture.folder) if capture.folder else None
         if folder is None or not folder.is_dir():
             if self._private is None:
-                self._private = make_handoff_folder("workbench-worker-")
+                self._private = HandoffFolder("workbench-worker-")
             folder, inline = Path(self._private.name), True
         else:
             inline = False
