@@ -8,6 +8,7 @@ the same ones), token-id prompts, no tokenizer.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -164,13 +165,22 @@ TP_SHAPE = {**SMOLLM2_SHAPE, "hidden_size": 512, "intermediate_size": 1024, "num
 """Head counts divisible by 2 (SmolLM2's 9 heads are not)."""
 
 
-@pytest.fixture(scope="module")
-def tp_model_dir(tmp_path_factory):
+TP_ARCHITECTURES = ["llama", "qwen3_moe", "cohere", "gpt2", "olmo2"]
+"""One per layer convention (OLMo 2 under vLLM's Transformers backend), and a mixture of
+experts: Llama at TP_SHAPE, the others as the CPU parity test's tiny models."""
+
+
+@pytest.fixture(scope="module", params=TP_ARCHITECTURES)
+def tp_model_dir(request, tmp_path_factory):
     """Random but real weights on disk: vLLM's dummy weights are drawn per
     shard, so TP=1 and TP=2 engines would not hold the same model."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    folder = tmp_path_factory.mktemp("tp-model")
+    from tests.tiny_models import tiny_model
+
+    folder = tmp_path_factory.mktemp(f"tp-{request.param}")
+    if request.param != "llama":
+        return str(tiny_model(request.param, folder, dtype=torch.bfloat16))
     torch.manual_seed(0)
     config = LlamaConfig(**{k: v for k, v in TP_SHAPE.items() if k not in ("architectures", "torch_dtype")})
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
@@ -179,20 +189,23 @@ def tp_model_dir(tmp_path_factory):
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 async def test_tensor_parallel_two_equals_one(tp_model_dir):
-    vector = torch.randn(512, generator=torch.Generator().manual_seed(9))
-    steer = SteeringSpec({2: LayerSteeringSpec(add=AddSpec(vector, scale=2.0))})
-    prompts = [PROMPTS[2], PROMPTS[2]]
+    steered, last = 1, json.loads((Path(tp_model_dir) / "config.json").read_text())
+    last = last.get("num_hidden_layers", last.get("n_layer")) - 1
     results = []
     for tp in (1, 2):
         engine = make_engine(tp_model_dir, eager=False, tp=tp, load_format="auto")
         try:
-            _, handles = await engine.generate(prompts, GREEDY, capture_layers=[2, 6], steering_spec=[steer, None])
+            vector = torch.randn(engine.hidden_size, generator=torch.Generator().manual_seed(9))
+            steer = SteeringSpec({steered: LayerSteeringSpec(add=AddSpec(vector, scale=2.0))})
+            _, handles = await engine.generate(
+                [PROMPTS[2], PROMPTS[2]], GREEDY, capture_layers=[steered, last], steering_spec=[steer, None]
+            )
             await engine.fetch_captures_batch(handles)
             results.append(handles)
         finally:
             engine.close()
-    rows = len(prompts[0])  # prompt rows: the same tokens in every run
-    for layer in (2, 6):
+    rows = len(PROMPTS[2])  # prompt rows: the same tokens in every run
+    for layer in (steered, last):
         one, two = ([handle.hidden(layer)[:rows].float() for handle in handles] for handles in results)
         for a, b in zip(one, two):  # TP=2 computes the same residual stream as TP=1
             assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min().item() > 0.99, layer
@@ -201,4 +214,4 @@ async def test_tensor_parallel_two_equals_one(tp_model_dir):
         assert delta_one.norm() > 1.0
         assert torch.nn.functional.cosine_similarity(delta_one, delta_two, dim=-1).min().item() > 0.99, layer
     for handles in results:
-        assert all(len(handle.captures[2]) == 1 for handle in handles)  # recorded once, not per rank
+        assert all(len(handle.captures[steered]) == 1 for handle in handles)  # recorded once, not per rank
