@@ -180,7 +180,7 @@ def tp_model_dir(request, tmp_path_factory):
 
     folder = tmp_path_factory.mktemp(f"tp-{request.param}")
     if request.param != "llama":
-        return str(tiny_model(request.param, folder, dtype=torch.bfloat16))
+        return str(tiny_model(request.param, folder, dtype=torch.bfloat16, tokenizer=False))
     torch.manual_seed(0)
     config = LlamaConfig(**{k: v for k, v in TP_SHAPE.items() if k not in ("architectures", "torch_dtype")})
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)

@@ -91,8 +91,9 @@ _NOT_FOR = {"gpt2": _GPT, "gptj": _GPT, "bloom": _GPT[1:]}
 """Shared settings a config spells differently (GPT-2 and GPT-J use n_embd, n_head, n_layer)."""
 
 
-def tiny_model(model_type: str, folder: Path, dtype: torch.dtype = torch.float32) -> Path:
-    """A seeded tiny ``model_type`` model with SmolLM2's tokenizer, saved in ``folder`` (reused if there)."""
+def tiny_model(model_type: str, folder: Path, dtype: torch.dtype = torch.float32, tokenizer: bool = True) -> Path:
+    """A seeded tiny ``model_type`` model, with SmolLM2's tokenizer unless ``tokenizer`` is
+    False (token-id prompts), saved in ``folder`` (reused if there)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if (folder / "config.json").exists():
@@ -106,6 +107,8 @@ def tiny_model(model_type: str, folder: Path, dtype: torch.dtype = torch.float32
             if parameter.ndim == 1 and "norm" in name:
                 parameter.copy_(1.0 + 0.1 * torch.randn_like(parameter))
     model.save_pretrained(folder)
+    if not tokenizer:
+        return folder
     source = ensure_embedded_checkpoint()
     for name in TOKENIZER_FILES:
         if (source / name).exists():
