@@ -29,7 +29,7 @@ from workbench import wire
 logger = logging.getLogger(__name__)
 
 POLL_S = 1.0
-"""How often a client without a pidfd (Linux < 5.3) is checked."""
+"""How often a client is checked where there is no pidfd (macOS, Linux < 5.3)."""
 
 
 def watch_client(handoff_folder: Callable[[], str | None]) -> threading.Thread | None:
@@ -69,7 +69,7 @@ def _wait_for_exit(pid: int) -> None:
         handle = os.pidfd_open(pid)
     except ProcessLookupError:
         return
-    except OSError:  # no pidfd here: poll
+    except (AttributeError, OSError):  # no pidfd here (macOS, Linux < 5.3): poll
         while _alive(pid):
             time.sleep(POLL_S)
         return
