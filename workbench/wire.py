@@ -284,6 +284,8 @@ class FetchReply:
 # -- the hand-off folder ---------------------------------------------------------
 
 SHARED_MEMORY = Path("/dev/shm")
+HANDOFF_PREFIX = "workbench-captures-"
+"""Name prefix of the clients' hand-off folders."""
 
 
 class HandoffFolder:
@@ -294,15 +296,15 @@ class HandoffFolder:
     Its maker holds a lock on the folder's ``OWNER`` file while it lives, so a
     folder left behind by a process killed outright (SIGKILL: a notebook
     kernel's process group on a forced restart), captured rows and all, is
-    unlocked, and removed when the next folder is made.
+    unlocked, and removed when the next folder is made (or by the engine that
+    outlives its maker, ``workbench.runtime.client_watch``).
     """
 
     OWNER = ".owner"
 
-    def __init__(self, prefix: str = "workbench-captures-") -> None:
-        parent = SHARED_MEMORY if SHARED_MEMORY.is_dir() else Path(tempfile.gettempdir())
-        remove_abandoned_folders(parent, prefix)
-        self._folder = tempfile.TemporaryDirectory(prefix=prefix, dir=parent)
+    def __init__(self, prefix: str = HANDOFF_PREFIX) -> None:
+        remove_abandoned_folders(prefix)
+        self._folder = tempfile.TemporaryDirectory(prefix=prefix, dir=_handoff_parent())
         self.name = self._folder.name
         # Locked before it takes its name: a folder's OWNER file is never seen unlocked while its maker lives.
         unnamed = Path(self.name) / f"{self.OWNER}-{uuid.uuid4().hex}"
@@ -317,9 +319,13 @@ class HandoffFolder:
             self._lock = -1
 
 
-def remove_abandoned_folders(parent: Path, prefix: str) -> None:
-    """Remove the folders named ``prefix*`` in ``parent`` whose maker is gone (their OWNER file is unlocked)."""
-    for folder in parent.glob(f"{prefix}*"):
+def _handoff_parent() -> Path:
+    return SHARED_MEMORY if SHARED_MEMORY.is_dir() else Path(tempfile.gettempdir())
+
+
+def remove_abandoned_folders(prefix: str = HANDOFF_PREFIX) -> None:
+    """Remove the hand-off folders named ``prefix*`` whose maker is gone (their OWNER file is unlocked)."""
+    for folder in _handoff_parent().glob(f"{prefix}*"):
         try:
             lock = os.open(folder / HandoffFolder.OWNER, os.O_RDONLY)
         except OSError:  # another user's, or made before folders had owners

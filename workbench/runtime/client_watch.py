@@ -6,7 +6,8 @@ a server): it holds the model's memory, on a GPU the card, until someone
 finds and kills it, and the next engine then fails to fit. The client's
 hand-off folder (captured rows not yet fetched, in shared memory) stays
 behind too. So every process that runs the runtime watches the client named
-by ``wire.CLIENT_PID_ENV``; when it exits, the folder is removed and the
+by ``wire.CLIENT_PID_ENV``; when it exits, the hand-off folders whose makers
+are gone (its own among them: its lock went with it) are removed and the
 engine core gets SIGTERM, vLLM's own shutdown path (its worker processes
 follow it).
 """
@@ -16,11 +17,9 @@ from __future__ import annotations
 import logging
 import os
 import select
-import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable
 
 import psutil
 
@@ -32,9 +31,8 @@ POLL_S = 1.0
 """How often a client is checked where there is no pidfd (macOS, Linux < 5.3)."""
 
 
-def watch_client(handoff_folder: Callable[[], str | None]) -> threading.Thread | None:
-    """Start the watch in this engine process (None: no client to watch here).
-    ``handoff_folder`` gives the client's folder once the workers know it."""
+def watch_client() -> threading.Thread | None:
+    """Start the watch in this engine process (None: no client to watch here)."""
     named = os.environ.get(wire.CLIENT_PID_ENV)
     if not named:
         return None
@@ -49,18 +47,16 @@ def watch_client(handoff_folder: Callable[[], str | None]) -> threading.Thread |
     else:
         return None
     thread = threading.Thread(
-        target=_stop_after, args=(client, engine_core, handoff_folder), name="workbench-client-watch", daemon=True
+        target=_stop_after, args=(client, engine_core), name="workbench-client-watch", daemon=True
     )
     thread.start()
     return thread
 
 
-def _stop_after(client: int, engine_core: int, handoff_folder: Callable[[], str | None]) -> None:
+def _stop_after(client: int, engine_core: int) -> None:
     _wait_for_exit(client)
     logger.warning("workbench: the process that started this engine (pid %d) is gone; shutting the engine down", client)
-    folder = handoff_folder()
-    if folder:
-        shutil.rmtree(folder, ignore_errors=True)
+    wire.remove_abandoned_folders()
     os.kill(engine_core, signal.SIGTERM)
 
 

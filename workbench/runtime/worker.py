@@ -120,8 +120,6 @@ class SteeringRuntime:
         self.hooked = False
         self.lens_norm: nn.Module | None = None
         """The model's final norm, for the logit lens (on the pipeline stage holding the last layer)."""
-        self.handoff_folder: str | None = None
-        """The client's folder for capture files, once its setup call named it."""
         vectors = tables.add_vectors
         self.captures = CaptureStore(frozenset(layers), vectors.shape[-1], vectors.dtype, vectors.device)
         self._step: vi.StepRows | None = None
@@ -293,7 +291,7 @@ def install_steering(model: nn.Module, vllm_config: Any) -> SteeringRuntime:
     runtime = SteeringRuntime(steered, tables, inputs, plan, settings.num_slots)
     runtime.lens_norm = final_norm(model, layer_list) if local and local[-1] == layer_count - 1 else None
     model.workbench_runtime = runtime
-    watch_client(lambda: runtime.handoff_folder)
+    watch_client()
     logger.info(
         "workbench: steering installed on %d %s layers (%s), %d slots, %s mode",
         len(steered),
@@ -340,7 +338,6 @@ class WorkbenchWorkerExtension:
     def workbench_setup(self, handoff_folder: str | None = None) -> dict[str, Any]:
         runtime = self._workbench_runtime()
         runtime.install(self.model_runner)  # type: ignore[attr-defined]
-        runtime.handoff_folder = handoff_folder
         watches = runtime.records_captures
         board = runtime.nonfinite.open_board(handoff_folder) if watches else None
         return wire.WorkerInfo(tuple(sorted(runtime.layers)), runtime.num_slots, watches, board).to_wire()
