@@ -2,7 +2,8 @@
 
 Configurations, each measured with the same load (N prompts of random token
 ids, streamed greedy ``/v1/completions`` requests with ``ignore_eos``, C
-concurrent clients, this process being the load generator):
+concurrent clients, sent by P load-generator processes of this script, C/P
+clients each, so that no one Python process bounds the measurement):
 
 - ``plain vllm serve``: vLLM's own server on the same model and options;
 - ``workbench serve, no steering``: the steering server, requests without ``steering``;
@@ -21,8 +22,9 @@ the ratio of throughput to plain vLLM's, the median time between two
 streamed events and before the last one (which carries the finish: a
 steered request's waits for its inf/NaN marks), how many greedy outputs of the
 unsteered workbench server equal plain vLLM's token for token, and the CPU
-time of each server process per second of the round (the API server's event
-loop streams every token; at 1.0 it is saturated). ``--py-spy DIR`` records
+time of each server and load-generator process per second of the round (the
+API server's event loop streams every token; at 1.0 a process is saturated).
+``--plain-v1`` adds plain vLLM with its V1 model runner (CUDA), for reference. ``--py-spy DIR`` records
 one more round of each workbench configuration with py-spy (collapsed stacks
 of the API server and the engine core, in DIR), outside the timed rounds.
 
@@ -36,10 +38,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
 import datetime as dt
 import json
 import logging
+import multiprocessing
 import os
 import platform
 import re
@@ -79,6 +83,8 @@ class Preset:
     prompt_tokens: int
     output_tokens: int
     rounds: int
+    load_processes: int
+    """Processes sending the requests (the load generator): enough that none is the bottleneck."""
     specs: int = 16
 
 
@@ -91,6 +97,7 @@ PRESETS = {
         prompt_tokens=32,
         output_tokens=32,
         rounds=2,
+        load_processes=1,
     ),
     "gpu": Preset(
         model=str(HERE / "models" / "llama3-8b-shape"),
@@ -110,6 +117,7 @@ PRESETS = {
         prompt_tokens=64,
         output_tokens=128,
         rounds=3,
+        load_processes=4,
     ),
 }
 """Both kinds of server get the preset's options, with prefix caching off: every round
@@ -132,13 +140,14 @@ class Round:
 
 class ServerCpu:
     """CPU time of a server's processes (the API server and vLLM's engine processes, by name),
-    and of this process, the load generator (``load generator``): at 1.0 it would be the bottleneck."""
+    and of the load generator's processes (``load generator N``): at 1.0 a process is the bottleneck."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, generators: list[int]) -> None:
         self.root = psutil.Process(pid)
+        self.generators = [psutil.Process(pid) for pid in generators]
 
     def processes(self) -> dict[str, psutil.Process]:
-        found = {"load generator": psutil.Process()}
+        found = {f"load generator {i}": process for i, process in enumerate(self.generators)}
         for process in [self.root, *self.root.children(recursive=True)]:
             try:
                 name = process.name()
@@ -163,15 +172,96 @@ class ServerCpu:
         return {name: round(share, 3) for name, share in shares.items() if share > 0.02}
 
 
-async def load(
-    url: str, model: str, prompts: list[list[int]], preset: Preset, bodies: list[dict[str, Any]], cpu: ServerCpu
-) -> Round:
-    """Send every prompt (with ``bodies[i]`` merged into its request), ``preset.concurrency`` at a time."""
-    gate = asyncio.Semaphore(preset.concurrency)
-    limits = httpx.Limits(max_connections=preset.concurrency, max_keepalive_connections=preset.concurrency)
-    # Bodies are encoded before the clock starts: a spec on every layer is ~700 kB of
-    # JSON, and encoding it per request made this one process the bottleneck.
-    encoded = [
+Stream = tuple[float, list[float], list[int], int]
+"""One request: its start (``time.monotonic``, the same clock in every process), the arrival
+times of its events carrying tokens (from its start), its tokens, their count."""
+
+
+class LoadGenerator:
+    """Processes that send the requests, each ``1/processes`` of them with as large a share of the
+    clients: one Python process streaming 64 requests used ~0.9 of a core on the GPU preset and
+    bounded what it measured. Each configuration's encoded bodies are handed over once; a round
+    then starts every process at the same instant."""
+
+    def __init__(self, processes: int) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.pool = concurrent.futures.ProcessPoolExecutor(processes, mp_context=context)
+        self.processes = processes
+        # Every process up before the first round (a spawned worker imports this module).
+        self.pids = sorted(set(self.pool.map(_pid, range(processes))))
+
+    def __enter__(self) -> LoadGenerator:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.pool.shutdown(cancel_futures=True)
+
+    def run(self, url: str, bodies: list[bytes], concurrency: int) -> tuple[float, list[Stream]]:
+        """Stream every body, ``concurrency`` in flight in total; the round's wall time and each request."""
+        shares = [bodies[i :: self.processes] for i in range(self.processes)]
+        # Time to unpickle the bodies (700 kB each when steered) before the common start.
+        start_at = time.monotonic() + 0.5 + sum(map(len, bodies)) / 1e9
+        futures = [
+            self.pool.submit(_stream_share, url, share, max(1, concurrency // self.processes), start_at)
+            for share in shares
+        ]
+        streams = [stream for future in futures for stream in future.result()]
+        ended = max(started + (arrivals[-1] if arrivals else 0.0) for started, arrivals, *_ in streams)
+        # Requests end with their last event; the round's clock starts at the common start.
+        return ended - start_at, [streams[i] for i in _interleaved_order(len(bodies), self.processes)]
+
+
+def _pid(_: int) -> int:
+    time.sleep(0.2)  # each process takes one of these
+    return os.getpid()
+
+
+def _interleaved_order(count: int, processes: int) -> list[int]:
+    """Where request i (sent by process i % processes, as its (i // processes)-th) is in the concatenation."""
+    sizes = [len(range(p, count, processes)) for p in range(processes)]
+    offsets = [sum(sizes[:p]) for p in range(processes)]
+    return [offsets[i % processes] + i // processes for i in range(count)]
+
+
+def _stream_share(url: str, bodies: list[bytes], concurrency: int, start_at: float) -> list[Stream]:
+    time.sleep(max(0.0, start_at - time.monotonic()))
+    return asyncio.run(_stream_all(url, bodies, concurrency))
+
+
+async def _stream_all(url: str, bodies: list[bytes], concurrency: int) -> list[Stream]:
+    gate = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    headers = {"content-type": "application/json"}
+    async with httpx.AsyncClient(base_url=url, timeout=3600, limits=limits) as client:
+
+        async def one(body: bytes) -> Stream:
+            async with gate:
+                started = time.monotonic()
+                arrivals: list[float] = []
+                tokens: list[int] = []
+                count = 0
+                async with client.stream("POST", "/v1/completions", content=body, headers=headers) as reply:
+                    if reply.status_code != 200:
+                        raise RuntimeError(f"HTTP {reply.status_code}: {(await reply.aread())[:300]!r}")
+                    async for line in reply.aiter_lines():
+                        if not line.startswith("data: {"):
+                            continue
+                        event = json.loads(line[6:])
+                        for choice in event.get("choices") or ():
+                            if choice.get("token_ids"):
+                                arrivals.append(time.monotonic() - started)
+                                tokens += choice["token_ids"]
+                        if event.get("usage"):
+                            count = event["usage"]["completion_tokens"]
+            return started, arrivals, tokens, count
+
+        return await asyncio.gather(*(one(body) for body in bodies))
+
+
+def encode(model: str, prompts: list[list[int]], preset: Preset, bodies: list[dict[str, Any]]) -> list[bytes]:
+    """Each prompt's streamed greedy request, with ``bodies[i]`` merged in, as bytes (encoded once:
+    a spec on every layer is ~700 kB of JSON)."""
+    return [
         json.dumps(
             {
                 "model": model,
@@ -187,41 +277,18 @@ async def load(
         ).encode()
         for ids, extra in zip(prompts, bodies)
     ]
-    headers = {"content-type": "application/json"}
-    async with httpx.AsyncClient(base_url=url, timeout=3600, limits=limits) as client:
 
-        async def one(body: bytes) -> tuple[list[float], list[int], int]:
-            """Arrival times of the events carrying tokens (from the request's start), the tokens, their count."""
-            async with gate:
-                started = time.perf_counter()
-                arrivals: list[float] = []
-                tokens: list[int] = []
-                count = 0
-                async with client.stream("POST", "/v1/completions", content=body, headers=headers) as reply:
-                    if reply.status_code != 200:
-                        raise RuntimeError(f"HTTP {reply.status_code}: {(await reply.aread())[:300]!r}")
-                    async for line in reply.aiter_lines():
-                        if not line.startswith("data: {"):
-                            continue
-                        event = json.loads(line[6:])
-                        for choice in event.get("choices") or ():
-                            if choice.get("token_ids"):
-                                arrivals.append(time.perf_counter() - started)
-                                tokens += choice["token_ids"]
-                        if event.get("usage"):
-                            count = event["usage"]["completion_tokens"]
-            return arrivals, tokens, count
 
-        cpu_before = cpu.seconds()
-        started = time.perf_counter()
-        results = await asyncio.gather(*(one(body) for body in encoded))
-        elapsed = time.perf_counter() - started
-        shares = cpu.shares(cpu_before, cpu.seconds(), elapsed)
-    gaps = [np.diff(arrivals) for arrivals, _, _ in results if len(arrivals) > 2]
+def load(url: str, generator: LoadGenerator, encoded: list[bytes], preset: Preset, cpu: ServerCpu) -> Round:
+    """One round: every request, ``preset.concurrency`` at a time."""
+    cpu_before = cpu.seconds()
+    elapsed, results = generator.run(url, encoded, preset.concurrency)
+    shares = cpu.shares(cpu_before, cpu.seconds(), elapsed)
+    gaps = [np.diff(arrivals) for _, arrivals, _, _ in results if len(arrivals) > 2]
     return Round(
         tok_per_s=sum(count for *_, count in results) / elapsed,
-        ttft_s=[arrivals[0] if arrivals else 0.0 for arrivals, _, _ in results],
-        outputs=[tokens for _, tokens, _ in results],
+        ttft_s=[arrivals[0] if arrivals else 0.0 for _, arrivals, _, _ in results],
+        outputs=[tokens for _, _, tokens, _ in results],
         cpu_share=shares,
         itl_s=[float(np.median(gap[:-1])) for gap in gaps],
         last_gap_s=[float(gap[-1]) for gap in gaps],
@@ -248,31 +315,30 @@ def summary(rounds: list[Round]) -> dict[str, Any]:
     }
 
 
-async def measure(
+def measure(
     server: ServerProcess,
-    model: str,
-    prompts: list[list[int]],
+    generator: LoadGenerator,
     preset: Preset,
-    configs: dict[str, list[dict[str, Any]]],
+    configs: dict[str, list[bytes]],
     profile_dir: Path | None = None,
 ) -> dict[str, list[Round]]:
     """Warm each configuration up once, then time ``preset.rounds`` rounds of each, alternating;
     with ``profile_dir``, one more round of each under py-spy."""
-    cpu = ServerCpu(server.pid)
-    for bodies in configs.values():
-        await load(server.url, model, prompts, preset, bodies, cpu)
+    cpu = ServerCpu(server.pid, generator.pids)
+    for encoded in configs.values():
+        load(server.url, generator, encoded, preset, cpu)
     rounds: dict[str, list[Round]] = {name: [] for name in configs}
     for index in range(preset.rounds):
-        for name, bodies in configs.items():
-            rounds[name].append(await load(server.url, model, prompts, preset, bodies, cpu))
+        for name, encoded in configs.items():
+            rounds[name].append(load(server.url, generator, encoded, preset, cpu))
             logger.info(
                 "%s, round %d: %.0f tok/s, CPU per process %s",
                 name, index + 1, rounds[name][-1].tok_per_s, rounds[name][-1].cpu_share,
             )  # fmt: skip
     if profile_dir is not None:
-        for name, bodies in configs.items():
+        for name, encoded in configs.items():
             with py_spy(cpu, profile_dir / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")):
-                await load(server.url, model, prompts, preset, bodies, cpu)
+                load(server.url, generator, encoded, preset, cpu)
     return rounds
 
 
@@ -298,7 +364,7 @@ def py_spy(cpu: ServerCpu, prefix: Path) -> Iterator[None]:
             stderr=subprocess.DEVNULL,
         )  # fmt: skip
         for name, process in cpu.processes().items()
-        if name != "load generator" and "resource_tracker" not in " ".join(process.cmdline())
+        if not name.startswith("load generator") and "resource_tracker" not in " ".join(process.cmdline())
     ]
     try:
         yield
@@ -309,7 +375,7 @@ def py_spy(cpu: ServerCpu, prefix: Path) -> Iterator[None]:
             recorder.wait(60)
 
 
-async def main(args: argparse.Namespace) -> None:
+def main(args: argparse.Namespace) -> None:
     preset = PRESETS[args.preset]
     if args.rounds:
         preset = Preset(**{**preset.__dict__, "rounds": args.rounds})
@@ -317,15 +383,18 @@ async def main(args: argparse.Namespace) -> None:
     served = preset.model if model != preset.model else model
     config = json.loads((Path(model) / "config.json").read_text())
     hidden, layers, vocab = config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]
-    generator = torch.Generator().manual_seed(0)
+    seeded = torch.Generator().manual_seed(0)
     prompts = [
-        torch.randint(100, min(vocab, 32000), (preset.prompt_tokens,), generator=generator).tolist()
+        torch.randint(100, min(vocab, 32000), (preset.prompt_tokens,), generator=seeded).tolist()
         for _ in range(preset.prompts)
     ]
     specs = [random_spec(list(range(layers)), hidden, seed=100 + i) for i in range(preset.specs)]
-    steered = [{"steering": specs[i % preset.specs].to_dict(vector_format="base64")} for i in range(preset.prompts)]
-    by_name = [{"steering": {"name": f"spec{i % preset.specs}"}} for i in range(preset.prompts)]
-    unsteered: list[dict[str, Any]] = [{} for _ in prompts]
+    inline = [spec.to_dict(vector_format="base64") for spec in specs]
+    steered = encode(served, prompts, preset, [{"steering": inline[i % preset.specs]} for i in range(preset.prompts)])
+    by_name = encode(
+        served, prompts, preset, [{"steering": {"name": f"spec{i % preset.specs}"}} for i in range(preset.prompts)]
+    )
+    unsteered = encode(served, prompts, preset, [{} for _ in prompts])
     common = [
         *("--model", model, "--served-model-name", served, "--seed", "0", "--no-enable-prefix-caching"),
         *preset.server_args,
@@ -345,25 +414,25 @@ async def main(args: argparse.Namespace) -> None:
         profile_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[Round]] = {}
     startup: dict[str, float] = {}
-
-    plain_kinds = {} if args.no_plain else {"plain vllm serve": {}}
-    if torch.cuda.is_available() and not args.no_plain:  # V2 is vLLM's CUDA default; V1 for reference
-        plain_kinds["plain vllm serve, V1 runner"] = {"VLLM_USE_V2_MODEL_RUNNER": "0"}
-    for name, extra_env in plain_kinds.items():
+    with LoadGenerator(args.load_processes or preset.load_processes) as generator:
+        plain_kinds = {} if args.no_plain else {"plain vllm serve": {}}
+        if torch.cuda.is_available() and args.plain_v1:  # V2 is vLLM's CUDA default; V1 for reference
+            plain_kinds["plain vllm serve, V1 runner"] = {"VLLM_USE_V2_MODEL_RUNNER": "0"}
+        for name, extra_env in plain_kinds.items():
+            started = time.perf_counter()
+            with ServerProcess.vllm(common, env={**env, **extra_env}, log_path=logs / f"{name}.log") as server:
+                startup[name] = round(time.perf_counter() - started, 1)
+                results.update(measure(server, generator, preset, {name: unsteered}, profile_dir))
         started = time.perf_counter()
-        with ServerProcess.vllm(common, env={**env, **extra_env}, log_path=logs / f"{name}.log") as server:
-            startup[name] = round(time.perf_counter() - started, 1)
-            results.update(await measure(server, served, prompts, preset, {name: unsteered}, profile_dir))
-    started = time.perf_counter()
-    workbench_args = [*common, "--steering-dir", str(steering_dir)]
-    with ServerProcess.workbench(workbench_args, env=env, log_path=logs / "workbench.log") as server:
-        startup["workbench serve"] = round(time.perf_counter() - started, 1)
-        configs = {
-            "workbench serve, no steering": unsteered,
-            f"workbench serve, {preset.specs} distinct specs": steered,
-            f"workbench serve, {preset.specs} distinct specs by name": by_name,
-        }
-        results.update(await measure(server, served, prompts, preset, configs, profile_dir))
+        workbench_args = [*common, "--steering-dir", str(steering_dir)]
+        with ServerProcess.workbench(workbench_args, env=env, log_path=logs / "workbench.log") as server:
+            startup["workbench serve"] = round(time.perf_counter() - started, 1)
+            configs = {
+                "workbench serve, no steering": unsteered,
+                f"workbench serve, {preset.specs} distinct specs": steered,
+                f"workbench serve, {preset.specs} distinct specs by name": by_name,
+            }
+            results.update(measure(server, generator, preset, configs, profile_dir))
 
     base = "workbench serve, no steering" if args.no_plain else "plain vllm serve"
     plain = statistics.median(r.tok_per_s for r in results[base])
@@ -380,6 +449,7 @@ async def main(args: argparse.Namespace) -> None:
             "server_args": list(preset.server_args),
             "prompts": preset.prompts,
             "concurrency": preset.concurrency,
+            "load_processes": generator.processes,
             "prompt_tokens": preset.prompt_tokens,
             "output_tokens": preset.output_tokens,
             "rounds": preset.rounds,
@@ -421,7 +491,9 @@ if __name__ == "__main__":
     parser.add_argument(
         "--no-plain", action="store_true", help="skip plain vLLM: ratios are then to the unsteered workbench server"
     )
+    parser.add_argument("--load-processes", type=int, help="override the preset's load generator processes")
+    parser.add_argument("--plain-v1", action="store_true", help="also plain vLLM with its V1 model runner (CUDA)")
     parser.add_argument("--py-spy", metavar="DIR", help="record one more round of each configuration into DIR")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
-    asyncio.run(main(parser.parse_args()))
+    main(parser.parse_args())
