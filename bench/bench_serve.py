@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import concurrent.futures
 import contextlib
 import datetime as dt
 import json
@@ -180,40 +179,40 @@ times of its events carrying tokens (from its start), its tokens, their count.""
 class LoadGenerator:
     """Processes that send the requests, each ``1/processes`` of them with as large a share of the
     clients: one Python process streaming 64 requests used ~0.9 of a core on the GPU preset and
-    bounded what it measured. Each configuration's encoded bodies are handed over once; a round
-    then starts every process at the same instant."""
+    bounded what it measured. Each round hands every process its share and starts them all at
+    the same instant."""
 
     def __init__(self, processes: int) -> None:
         context = multiprocessing.get_context("spawn")
-        self.pool = concurrent.futures.ProcessPoolExecutor(processes, mp_context=context)
+        started = context.SimpleQueue()
+        # A pool starts all its processes at once; each says who it is (their CPU time is reported).
+        self.pool = context.Pool(processes, initializer=_announce, initargs=(started,))
         self.processes = processes
-        # Every process up before the first round (a spawned worker imports this module).
-        self.pids = sorted(set(self.pool.map(_pid, range(processes))))
+        self.pids = sorted(started.get() for _ in range(processes))
 
     def __enter__(self) -> LoadGenerator:
         return self
 
     def __exit__(self, *_: object) -> None:
-        self.pool.shutdown(cancel_futures=True)
+        self.pool.terminate()
+        self.pool.join()
 
     def run(self, url: str, bodies: list[bytes], concurrency: int) -> tuple[float, list[Stream]]:
         """Stream every body, ``concurrency`` in flight in total; the round's wall time and each request."""
         shares = [bodies[i :: self.processes] for i in range(self.processes)]
         # Time to unpickle the bodies (700 kB each when steered) before the common start.
         start_at = time.monotonic() + 0.5 + sum(map(len, bodies)) / 1e9
-        futures = [
-            self.pool.submit(_stream_share, url, share, max(1, concurrency // self.processes), start_at)
-            for share in shares
-        ]
-        streams = [stream for future in futures for stream in future.result()]
+        per_process = max(1, concurrency // self.processes)
+        # Each share blocks its process until start_at and then for the round: one share per process.
+        pending = [self.pool.apply_async(_stream_share, (url, share, per_process, start_at)) for share in shares]
+        streams = [stream for share in pending for stream in share.get()]
         ended = max(started + (arrivals[-1] if arrivals else 0.0) for started, arrivals, *_ in streams)
         # Requests end with their last event; the round's clock starts at the common start.
         return ended - start_at, [streams[i] for i in _interleaved_order(len(bodies), self.processes)]
 
 
-def _pid(_: int) -> int:
-    time.sleep(0.2)  # each process takes one of these
-    return os.getpid()
+def _announce(started: Any) -> None:
+    started.put(os.getpid())
 
 
 def _interleaved_order(count: int, processes: int) -> list[int]:

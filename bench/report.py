@@ -13,7 +13,7 @@ RESULTS = HERE / "results"
 
 
 def load(name: str) -> dict:
-    return json.loads((RESULTS / name).read_text())
+    return {**json.loads((RESULTS / name).read_text()), "file": name}
 
 
 def table(result: dict) -> str:
@@ -70,13 +70,32 @@ def round_spread(result: dict, name: str) -> str:
 
 def serve_table(result: dict) -> str:
     base = "plain" if result.get("ratios_to", "plain vllm serve") == "plain vllm serve" else "unsteered"
-    rows = [f"| configuration | tok/s | vs {base} | TTFT mean | TTFT p99 |", "| --- | ---: | ---: | ---: | ---: |"]
+    timed = "itl_median_s" in next(iter(result["configurations"].values()))
+    head = f"| configuration | tok/s | vs {base} | TTFT mean | TTFT median | TTFT p99 |"
+    rule = "| --- | ---: | ---: | ---: | ---: | ---: |"
+    if timed:
+        head, rule = head + " between tokens | before the last |", rule + " ---: | ---: |"
+    rows = [head, rule]
     for name, row in result["configurations"].items():
-        rows.append(
-            f"| {name} | {row['median_tok_per_s']:,.0f} | {result['ratio_to_plain'][name]:.3f} "
-            f"| {row['ttft_mean_s'] * 1000:.0f} ms | {row['ttft_p99_s'] * 1000:.0f} ms |"
-        )
+        cells = [
+            f"{row['median_tok_per_s']:,.0f}",
+            f"{result['ratio_to_plain'][name]:.3f}",
+            *(f"{row[key] * 1000:.0f} ms" for key in ("ttft_mean_s", "ttft_median_s", "ttft_p99_s")),
+        ]
+        if timed:
+            cells += [f"{row['itl_median_s'] * 1000:.1f} ms", f"{row['last_gap_median_s'] * 1000:.1f} ms"]
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+def serve_workload(result: dict) -> str:
+    w = result["workload"]
+    generators = f", {w['load_processes']} load-generator processes" if "load_processes" in w else ""
+    return (
+        f"Llama-3-8B shape, dummy bf16 weights, {w['prompts']} prompts x {w['prompt_tokens']} + "
+        f"{w['output_tokens']} tokens at {w['concurrency']} clients{generators}, {w['rounds']} rounds, "
+        f"commit {result['commit']}, `results/{result['file']}`"
+    )
 
 
 def main() -> None:
@@ -87,10 +106,8 @@ def main() -> None:
     gpu_eager = load("2026-11-27-nvidia-h200-ecb1068-eager.json")
     capture_first = load("2026-12-04-nvidia-h200-0ba44f7-capture.json")
     capture = load("2026-12-04-nvidia-h200-0c60e37-capture.json")
-    serve = load("2026-12-04-nvidia-h200-0c60e37-serve-gpu.json")
-    sw = serve["workload"]
+    serve_now = load("2026-12-05-nvidia-h100-80gb-hbm3-9872b5f-serve-gpu.json")
     serve_after = load("2026-12-04-nvidia-h200-a453470-serve-gpu.json")
-    steered_after = serve_after["configurations"]["workbench serve, 16 distinct specs"]
     all_layers = next(name for name in capture["median_tok_per_s"] if name.startswith("capture all"))
     template = (HERE / "README.template.md").read_text()
     text = template.format(
@@ -131,18 +148,17 @@ def main() -> None:
         ),
         host_fresh="3.4 s (3.7 GB/s)",
         host_recycled="0.74 s (17 GB/s)",
-        serve_versions=versions(serve, "vLLM"),
-        serve_workload=(
-            f"Llama-3-8B shape, dummy bf16 weights, {sw['prompts']} prompts x {sw['prompt_tokens']} + "
-            f"{sw['output_tokens']} tokens at {sw['concurrency']} clients, {sw['rounds']} rounds, "
-            f"commit {serve['commit']}"
+        serve_now_card=serve_now["device"],
+        serve_now_versions=versions(serve_now, "vLLM"),
+        serve_now_workload=serve_workload(serve_now),
+        serve_now_table=serve_table(serve_now),
+        serve_now_equal=serve_now["unsteered_outputs_equal_plain"],
+        serve_now_rounds="; ".join(
+            f"{name} " + ", ".join(f"{value:,.0f}" for value in row["tok_per_s"])
+            for name, row in serve_now["configurations"].items()
         ),
-        serve_table=serve_table(serve),
-        serve_equal=serve["unsteered_outputs_equal_plain"],
         serve_after_workload=f"same load, {serve_after['workload']['rounds']} rounds, commit {serve_after['commit']}",
         serve_after_table=serve_table(serve_after),
-        serve_after_ratio=f"{serve_after['ratio_to_plain']['workbench serve, 16 distinct specs']:.2f}",
-        serve_after_ttft=f"{steered_after['ttft_mean_s'] * 1000:.0f}",
     )
     (HERE / "README.md").write_text(text)
 

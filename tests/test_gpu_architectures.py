@@ -67,7 +67,7 @@ async def test_shape_steers_restores_batches_and_captures(shape, runner):
         load_format="dummy",
         # Several shapes share the GPU (run_device.sh shapes): each engine takes
         # its weights and a fixed 1 GiB of KV cache instead of a share of the card.
-        gpu_memory_utilization=0.2,
+        gpu_memory_utilization=0.05,
         max_steering_slots=4,
         model_runner=runner,
         # A few CUDA-graph sizes are enough for these batches, and capture them in seconds.
