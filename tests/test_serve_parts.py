@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 from types import SimpleNamespace
 
@@ -35,6 +36,7 @@ from workbench.capture_file import CaptureChoice, CaptureFile
 from workbench.engine_link import FetchedRows
 from workbench.serve.captures import CaptureRegistry, chat_source
 from workbench.serve.middleware import SteeringMiddleware
+from workbench.serve.request_body import RequestBody
 from workbench.serve.request_fields import ModelShape, RecentSpecs, parse_capture_layers, parse_steering
 from workbench.serve.spec_store import SpecStore
 from workbench.serve.steering import TICKET_KEY, Ticket
@@ -458,42 +460,71 @@ def test_the_remote_client_needs_no_vllm():
     assert result.returncode == 0, result.stderr
 
 
-def test_recent_specs_parse_equal_content_once_and_keep_the_newest(store):
+def text(value) -> bytes:
+    return json.dumps(value).encode()
+
+
+def test_recent_specs_parse_a_text_once_and_keep_the_newest(store):
     specs = RecentSpecs(size=2)
     values = [SteeringSpec({layer: LayerSteeringSpec(add=AddSpec(vector(4)))}).to_dict("base64") for layer in range(3)]
-    first = specs.parse(values[0], MODEL, store)
-    assert specs.parse(json.loads(json.dumps(values[0])), MODEL, store) is first  # same content, new objects
-    specs.parse(values[1], MODEL, store)
-    specs.parse(values[2], MODEL, store)  # evicts values[0], the least recently used
-    assert specs.parse(values[0], MODEL, store) is not first and specs.parse(values[0], MODEL, store) == first
+    first = specs.parse(text(values[0]), MODEL, store)
+    assert specs.parse(text(values[0]), MODEL, store) is first  # the same text, a new object
+    specs.parse(text(values[1]), MODEL, store)
+    specs.parse(text(values[2]), MODEL, store)  # evicts values[0], the least recently used
+    again = specs.parse(text(values[0]), MODEL, store)
+    assert again is not first and again == first
     scaled = json.loads(json.dumps(values[1]))
     scaled["layers"]["1"]["add"]["scale"] = True  # equal to 1 in Python, not in JSON
     with pytest.raises(SpecError):
-        specs.parse(scaled, MODEL, store)
+        specs.parse(text(scaled), MODEL, store)
+
+
+def test_recent_specs_keep_texts_within_their_byte_bound(store):
+    """Listed vectors are remembered too; the texts held stay under ``text_bytes``."""
+    listed = [text(SteeringSpec({2: LayerSteeringSpec(add=AddSpec(vector(5 + i)))}).to_dict()) for i in range(3)]
+    specs = RecentSpecs(text_bytes=2 * len(listed[0]) + 10)
+    first = specs.parse(listed[0], MODEL, store)
+    assert specs.parse(listed[0], MODEL, store) is first
+    specs.parse(listed[1], MODEL, store)
+    specs.parse(listed[2], MODEL, store)  # three texts are over the bound: the oldest goes
+    assert specs.parse(listed[2], MODEL, store) is specs.parse(listed[2], MODEL, store)
+    assert specs.parse(listed[0], MODEL, store) is not first
 
 
 def test_recent_specs_remember_names_until_their_file_changes(store):
     """A name is parsed once per version of its file: one written over HTTP (PUT) is read anew."""
     specs = RecentSpecs()
-    first = specs.parse({"name": "sea", "scale": 3.0}, MODEL, store)
-    assert specs.parse({"name": "sea", "scale": 3.0}, MODEL, store) is first
-    assert specs.parse({"name": "sea", "scale": 4.0}, MODEL, store).layers[3].add.scale == 4.0
-    assert specs.parse("joy", MODEL, store) is specs.parse("joy", MODEL, store)
+    first = specs.parse(text({"name": "sea", "scale": 3.0}), MODEL, store)
+    assert specs.parse(text({"name": "sea", "scale": 3.0}), MODEL, store) is first
+    assert specs.parse(text({"name": "sea", "scale": 4.0}), MODEL, store).layers[3].add.scale == 4.0
+    assert specs.parse(text("joy"), MODEL, store) is specs.parse(text("joy"), MODEL, store)
     replacement = SteeringSpec({5: LayerSteeringSpec(add=AddSpec(vector(9)))})
     store.put("sea", replacement)  # the first folder's "sea" now hides the second's
-    assert specs.parse({"name": "sea"}, MODEL, store) == replacement
-    assert specs.parse({"name": "sea", "scale": 3.0}, MODEL, store).layers.keys() == {5}
+    assert specs.parse(text({"name": "sea"}), MODEL, store) == replacement
+    assert specs.parse(text({"name": "sea", "scale": 3.0}), MODEL, store).layers.keys() == {5}
     rewritten = SteeringSpec({5: LayerSteeringSpec(add=AddSpec(vector(10)))})
     store.put("sea", rewritten)  # the same folder, a file of the same size, within a timestamp's granularity
-    assert specs.parse({"name": "sea"}, MODEL, store) == rewritten
+    assert specs.parse(text({"name": "sea"}), MODEL, store) == rewritten
     with pytest.raises(SpecError):
-        specs.parse({"name": "nowhere"}, MODEL, store)
+        specs.parse(text({"name": "nowhere"}), MODEL, store)
+    with pytest.raises(SpecError, match="steering is not valid JSON"):
+        specs.parse(b'{"name": "\xff"}', MODEL, store)
 
 
-def test_recent_specs_parse_vectors_given_as_lists_each_time(store):
-    """A key of every number of a listed vector took longer to build than parsing it."""
-    specs = RecentSpecs()
-    value = SteeringSpec({2: LayerSteeringSpec(add=AddSpec(vector(5)))}).to_dict()
-    first = specs.parse(value, MODEL, store)
-    again = specs.parse(value, MODEL, store)
-    assert again is not first and again == first
+def test_request_body_decodes_only_what_is_read_and_sends_the_rest_as_it_came():
+    body = b'{"model": "m", "prompt": [1, 2], "steering": {"layers": {"0": {}}},  "n": 2}'
+    request = RequestBody.parse(body)
+    assert "steering" in request and "capture_layers" not in request
+    assert request.text("steering") == b'{"layers": {"0": {}}}'
+    assert request["n"] == 2 and request.get("prompt") == [1, 2] and request.get("absent") is None
+    assert request.pop_text("steering") == b'{"layers": {"0": {}}}' and "steering" not in request
+    request.set("vllm_xargs", {"ticket": "t1"})
+    assert json.loads(request.encode()) == {"model": "m", "prompt": [1, 2], "n": 2, "vllm_xargs": {"ticket": "t1"}}
+    assert b'"prompt":[1, 2]' in request.encode()  # untouched values keep their text
+    # Not strict JSON, as vLLM's own routes accept it: split by the standard library instead.
+    loose = RequestBody.parse(b'{"steering": {"layers": {}}, "temperature": NaN, "top_p": 1e999}')
+    assert math.isnan(loose["temperature"]) and loose["top_p"] == math.inf and loose["steering"] == {"layers": {}}
+    assert RequestBody.parse(b"[1, 2]") is None and RequestBody.parse(b'{"steering": tru}') is None
+    broken = RequestBody.parse(b'{"messages": "\xff"}')  # bytes that are not UTF-8 inside a string
+    with pytest.raises(SpecError, match="messages is not valid JSON"):
+        broken["messages"]

@@ -27,6 +27,7 @@ from typing import Any
 from workbench.errors import CaptureError, CaptureLimitError, SpecError, WorkbenchError
 from workbench.serve.captures import chat_source
 from workbench.serve.replies import error_bytes
+from workbench.serve.request_body import RequestBody, decode_field
 from workbench.serve.request_fields import (
     CAPTURE_FIELD,
     FIELDS,
@@ -37,6 +38,7 @@ from workbench.serve.request_fields import (
 )
 from workbench.serve.spec_store import SpecStore
 from workbench.serve.steering import TICKET_KEY, ServerSteering, Ticket
+from workbench.specs import SteeringSpec
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -62,8 +64,8 @@ class SteeringMiddleware:
             await self.app(scope, receive, send)
             return
         body = await _read_body(receive)
-        # Most requests carry neither field: skip parsing them (vLLM parses them anyway).
-        request = _json_object(body) if any(f'"{key}"'.encode() in body for key in FIELDS) else None
+        # Most requests carry neither field: skip splitting them (vLLM decodes them anyway).
+        request = RequestBody.parse(body) if any(f'"{key}"'.encode() in body for key in FIELDS) else None
         if request is None or not any(key in request for key in FIELDS):
             await self.app(scope, _replay(body, receive), send)
             return
@@ -73,26 +75,28 @@ class SteeringMiddleware:
             error = SpecError(f"{given} apply to POST {' and '.join(STEERABLE)} only, not {_route_path(scope)}")
             await _reply_error(send, 400, error, given[0])
             return
+        steering = request.pop_text(STEERING_FIELD)
         try:
-            spec = self.specs.parse(request.pop(STEERING_FIELD, None), self.model, self.store)
+            spec = SteeringSpec() if steering is None else self.specs.parse(steering, self.model, self.store)
         except WorkbenchError as error:
             await _reply_error(send, 400, error, STEERING_FIELD)
             return
+        capture = request.pop_text(CAPTURE_FIELD)
         try:
-            layers = parse_capture_layers(request.pop(CAPTURE_FIELD, None), self.model)
+            layers = parse_capture_layers(None if capture is None else decode_field(capture, CAPTURE_FIELD), self.model)
         except WorkbenchError as error:
             await _reply_error(send, 400, error, CAPTURE_FIELD)
             return
         try:
             _check_compatible(request, layers)
+            chat = chat_source(request) if kind == "chat" and layers else None
         except WorkbenchError as error:
             await _reply_error(send, 400, error, CAPTURE_FIELD if isinstance(error, CaptureError) else STEERING_FIELD)
             return
         if spec.is_empty() and not layers:
-            body = json.dumps(request).encode()
+            body = request.encode()
             await self.app(_with_length(scope, len(body)), _replay(body, receive), send)
             return
-        chat = chat_source(request) if kind == "chat" and layers else None
         max_tokens = request.get("max_tokens") or request.get("max_completion_tokens")
         try:
             ticket = self.steering.open_ticket(spec, layers, chat, max_tokens if isinstance(max_tokens, int) else 1)
@@ -100,8 +104,8 @@ class SteeringMiddleware:
             await _reply_error(send, 429, error, CAPTURE_FIELD)
             return
         try:
-            request["vllm_xargs"] = {**(request.get("vllm_xargs") or {}), TICKET_KEY: ticket.id}
-            body = json.dumps(request).encode()
+            request.set("vllm_xargs", {**(request.get("vllm_xargs") or {}), TICKET_KEY: ticket.id})
+            body = request.encode()
             per_prompt = (request.get("n") or 1) if kind == "completion" else None
             reply = _ReplyAnnotator(send, ticket, per_prompt, lambda: self.steering.close_ticket(ticket))
             await self.app(_with_length(scope, len(body)), _replay(body, receive), reply.send)
@@ -109,7 +113,7 @@ class SteeringMiddleware:
             self.steering.close_ticket(ticket)
 
 
-def _check_compatible(request: dict[str, Any], layers: tuple[int, ...]) -> None:
+def _check_compatible(request: RequestBody, layers: tuple[int, ...]) -> None:
     """Refuse what steering or capture cannot run with, naming it."""
     if request.get("use_beam_search"):
         raise SpecError("steering and capture_layers do not run with use_beam_search")

@@ -27,6 +27,7 @@ import torch
 
 from workbench.errors import CaptureError, LayerIndexError, SpecError
 from workbench.remote import ROLE_TARGETING_NOT_SERVED
+from workbench.serve.request_body import decode_field, top_level
 from workbench.serve.spec_store import SPEC, SpecStore
 from workbench.specs import AddSpec, LayerSteeringSpec, SteeringSpec, check_layer_index
 
@@ -69,63 +70,57 @@ def parse_steering(value: Any, model: ModelShape, store: SpecStore) -> SteeringS
 
 
 class RecentSpecs:
-    """Steering fields parsed lately: ``parse_steering`` with the ``size``
-    most recently used remembered.
+    """Steering fields parsed lately, remembered by their JSON text as sent:
+    ``parse_steering`` with the ``size`` most recently used kept (their texts
+    ``text_bytes`` at most in total).
 
     An evaluation sends the same steering with every prompt. Decoding and
     checking a spec with a vector on each of 32 layers of 4096 took ~5 ms of
     the server's event loop per request (the loop that also streams every
-    reply), and checking a named one ~0.7 ms (~2.5 ms with a scale). Spec
-    dicts are remembered by content; names by content and by the version of
-    the file they name, so a spec replaced over HTTP is read anew. Spec dicts
-    with vectors as lists of numbers are parsed each time: a key of 131k
-    numbers took longer to build than parsing them.
+    reply), and checking a named one ~0.7 ms (~2.5 ms with a scale). A
+    repeated text is looked up instead (~0.2 ms for 700 kB: hashing and
+    comparing it); a name is remembered by its text and by the version of
+    the file it names, so a spec replaced over HTTP is read anew. The same
+    spec written differently (spacing, key order) is parsed once per text.
     """
 
-    def __init__(self, size: int = 64) -> None:
+    def __init__(self, size: int = 64, text_bytes: int = 64 << 20) -> None:
         self.size = size
-        self._specs: collections.OrderedDict[Hashable, SteeringSpec] = collections.OrderedDict()
+        self.text_bytes = text_bytes
+        self._specs: collections.OrderedDict[bytes, tuple[SteeringSpec, str | None, Hashable]] = (
+            collections.OrderedDict()
+        )
+        """text -> (its spec, the name it refers to or None, that name's version when parsed)"""
+        self._held = 0
 
-    def parse(self, value: Any, model: ModelShape, store: SpecStore) -> SteeringSpec:
-        key = _recall_key(value, store)
-        if key is None:
-            return parse_steering(value, model, store)
-        spec = self._specs.get(key)
-        if spec is None:
-            spec = self._specs[key] = parse_steering(value, model, store)
-            if len(self._specs) > self.size:
-                self._specs.popitem(last=False)
-        else:
-            self._specs.move_to_end(key)
+    def parse(self, text: bytes, model: ModelShape, store: SpecStore) -> SteeringSpec:
+        """The spec of a ``steering`` field's JSON text."""
+        hit = self._specs.get(text)
+        if hit is not None and (hit[1] is None or store.version(hit[1]) == hit[2]):
+            self._specs.move_to_end(text)
+            return hit[0]
+        name = _referenced_name(text)
+        version = None if name is None else store.version(name)
+        spec = parse_steering(decode_field(text, STEERING_FIELD), model, store)
+        if hit is None:
+            self._held += len(text)
+        self._specs[text] = (spec, name, version)
+        self._specs.move_to_end(text)
+        while len(self._specs) > self.size or self._held > self.text_bytes:
+            oldest, _ = self._specs.popitem(last=False)
+            self._held -= len(oldest)
         return spec
 
 
-def _recall_key(value: Any, store: SpecStore) -> Hashable | None:
-    """What ``RecentSpecs`` remembers ``value`` by (None: parse it each time)."""
-    if isinstance(value, str):
-        return ("name", value, store.version(value))
-    if not isinstance(value, Mapping):
-        return None
-    if "name" in value:
-        return (_content_key(value), store.version(value["name"]))
-    layers = value.get("layers")
-    if not isinstance(layers, Mapping) or any(
-        isinstance(params, Mapping) and isinstance(params.get("vector"), list)
-        for ops in layers.values()
-        if isinstance(ops, Mapping)
-        for params in ops.values()
-    ):
-        return None
-    return _content_key(value)
-
-
-def _content_key(value: Any) -> Hashable:
-    """Parsed JSON as a hashable key, equal only for equal JSON (types kept: ``1``, ``1.0`` and ``true`` differ)."""
-    if isinstance(value, Mapping):
-        return ("{", tuple(sorted((str(key), _content_key(item)) for key, item in value.items())))
-    if isinstance(value, list):
-        return ("[", tuple(_content_key(item) for item in value))
-    return (type(value).__name__, value)
+def _referenced_name(text: bytes) -> str | None:
+    """The stored name a ``steering`` text refers to, if it is a reference (a
+    spec's text holds its vectors: only its top-level keys are read)."""
+    if text.startswith(b'"'):
+        value = decode_field(text, STEERING_FIELD)
+    else:
+        value = top_level(text) or {}
+        value = decode_field(value["name"], STEERING_FIELD) if "name" in value else None
+    return value if isinstance(value, str) else None
 
 
 def _named(reference: Mapping[str, Any], store: SpecStore) -> SteeringSpec:
