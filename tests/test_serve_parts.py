@@ -335,6 +335,14 @@ def test_the_middleware_refuses_bad_fields_with_400(app, path, body, param, kind
     assert app.state.steering.opened == []
 
 
+def test_the_middleware_refuses_a_field_it_reads_that_is_not_json_with_400(app):
+    """Values are split from the body undecoded; one the middleware reads and cannot decode is named."""
+    raw = b'{"prompt": "Hi", "steering": "joy", "max_tokens": "\xff"}'
+    reply = TestClient(app).post("/v1/completions", content=raw, headers={"content-type": "application/json"})
+    assert reply.status_code == 400 and "max_tokens is not valid JSON" in reply.json()["error"]["message"]
+    assert app.state.steering.opened == []
+
+
 # -- the command line ----------------------------------------------------------------------------
 
 

@@ -87,9 +87,12 @@ class SteeringMiddleware:
         except WorkbenchError as error:
             await _reply_error(send, 400, error, CAPTURE_FIELD)
             return
-        try:
+        try:  # the fields read here are decoded now: a value that is not JSON is a 400 too
             _check_compatible(request, layers)
             chat = chat_source(request) if kind == "chat" and layers else None
+            max_tokens = request.get("max_tokens") or request.get("max_completion_tokens")
+            per_prompt = (request.get("n") or 1) if kind == "completion" else None
+            xargs = request.get("vllm_xargs") or {}
         except WorkbenchError as error:
             await _reply_error(send, 400, error, CAPTURE_FIELD if isinstance(error, CaptureError) else STEERING_FIELD)
             return
@@ -97,16 +100,14 @@ class SteeringMiddleware:
             body = request.encode()
             await self.app(_with_length(scope, len(body)), _replay(body, receive), send)
             return
-        max_tokens = request.get("max_tokens") or request.get("max_completion_tokens")
         try:
             ticket = self.steering.open_ticket(spec, layers, chat, max_tokens if isinstance(max_tokens, int) else 1)
         except CaptureLimitError as error:
             await _reply_error(send, 429, error, CAPTURE_FIELD)
             return
         try:
-            request.set("vllm_xargs", {**(request.get("vllm_xargs") or {}), TICKET_KEY: ticket.id})
+            request.set("vllm_xargs", {**xargs, TICKET_KEY: ticket.id})
             body = request.encode()
-            per_prompt = (request.get("n") or 1) if kind == "completion" else None
             reply = _ReplyAnnotator(send, ticket, per_prompt, lambda: self.steering.close_ticket(ticket))
             await self.app(_with_length(scope, len(body)), _replay(body, receive), reply.send)
         finally:
