@@ -12,7 +12,7 @@ the mean decode step on the calling thread, the time until every row has
 been written (``rows_written_s``, helper threads included) with the rate
 that makes, the worker's fetch, and the client's mapping and release.
 
-    python bench/capture_host_cost.py [--layers 1 4 32] [--device cuda]
+    python bench/capture_host_cost.py [--layers 1 4 32] [--device cuda] [--requests 256]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 from workbench import transfer, wire
 from workbench.runtime.capture_store import CaptureStore
 
-REQUESTS, PROMPT, GENERATED, HIDDEN = 256, 64, 128, 4096
+PROMPT, GENERATED, HIDDEN = 64, 128, 4096
 
 
 @dataclass(frozen=True)
@@ -36,26 +36,26 @@ class Step:
     computed: np.ndarray
 
 
-def measure(layers: int, device: torch.device) -> list[dict[str, float]]:
+def measure(layers: int, device: torch.device, requests: int = 256) -> list[dict[str, float]]:
     """Two runs on one store: into fresh files, then into the first run's files given back."""
-    folder = wire.make_handoff_folder()
+    folder = wire.HandoffFolder()
     captured = range(layers)
     store = CaptureStore(frozenset(captured), HIDDEN, torch.bfloat16, device)
-    buffers = {layer: torch.randn(REQUESTS * PROMPT, HIDDEN, device=device).to(torch.bfloat16) for layer in captured}
-    decode_rows = {layer: rows[:REQUESTS] for layer, rows in buffers.items()}
+    buffers = {layer: torch.randn(requests * PROMPT, HIDDEN, device=device).to(torch.bfloat16) for layer in captured}
+    decode_rows = {layer: rows[:requests] for layer, rows in buffers.items()}
     given_back: list[str] = []
     results = []
-    row_bytes = REQUESTS * (PROMPT + GENERATED - 1) * layers * HIDDEN * 2
+    row_bytes = requests * (PROMPT + GENERATED - 1) * layers * HIDDEN * 2
     for run in ("fresh files", "recycled files"):
-        ids = [f"{run[0]}{i}" for i in range(REQUESTS)]
+        ids = [f"{run[0]}{i}" for i in range(requests)]
         captures = [wire.CaptureRequest(i, tuple(captured), PROMPT + GENERATED - 1, folder.name) for i in ids]
-        batch, capturing = object(), list(range(REQUESTS))
+        batch, capturing = object(), list(range(requests))
         start = time.perf_counter()
-        prefill = Step(np.arange(REQUESTS + 1) * PROMPT, np.zeros(REQUESTS, dtype=np.int64))
+        prefill = Step(np.arange(requests + 1) * PROMPT, np.zeros(requests, dtype=np.int64))
         store.record(batch, captures, capturing, prefill, buffers)
         prefilled = time.perf_counter()
         for step in range(GENERATED - 1):
-            decode = Step(np.arange(REQUESTS + 1), np.full(REQUESTS, PROMPT + step))
+            decode = Step(np.arange(requests + 1), np.full(requests, PROMPT + step))
             store.record(batch, captures, capturing, decode, decode_rows)
         decoded = time.perf_counter()
         store._lanes.drain()
@@ -64,7 +64,7 @@ def measure(layers: int, device: torch.device) -> list[dict[str, float]]:
         fetched = time.perf_counter()
         rows = transfer.read_reply(reply, HIDDEN, given_back.append)
         mapped = time.perf_counter()
-        assert len(rows) == REQUESTS * layers
+        assert len(rows) == requests * layers
         del rows  # the client lets go: its files go back to the store (to be freed, after the last run)
         released = time.perf_counter()
         store.recycle(given_back)
@@ -92,8 +92,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--device", default="cpu", help="cpu, or cuda: rows staged and written as in a CUDA engine")
+    parser.add_argument("--requests", type=int, default=256)
     args = parser.parse_args()
     with torch.inference_mode():  # as vLLM runs its steps
         for count in args.layers:
-            for result in measure(count, torch.device(args.device)):
+            for result in measure(count, torch.device(args.device), args.requests):
                 print(result, flush=True)

@@ -1,11 +1,13 @@
 """Rebuild bench/README.md's tables from the committed result files.
 
-python bench/report.py
+python bench/report.py           # rewrite bench/README.md
+python bench/report.py --check   # exit 1 when bench/README.md is not what the template and results make
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
@@ -98,7 +100,7 @@ def serve_workload(result: dict) -> str:
     )
 
 
-def main() -> None:
+def render() -> str:
     cpu_eager = load("2026-12-05-cpu-x86_64-2cores-80748cc-eager.json")
     cpu_mp = load("2026-11-27-cpu-x86_64-2cores-5befcbe-eager.json")
     cpu_graphs = load("2026-11-27-cpu-x86_64-2cores-b923f8c-graphs.json")
@@ -160,8 +162,11 @@ def main() -> None:
         serve_after_workload=f"same load, {serve_after['workload']['rounds']} rounds, commit {serve_after['commit']}",
         serve_after_table=serve_table(serve_after),
     )
-    (HERE / "README.md").write_text(text)
+    return text
 
 
 if __name__ == "__main__":
-    main()
+    text, readme = render(), HERE / "README.md"
+    if "--check" in sys.argv[1:]:
+        sys.exit(0 if readme.read_text() == text else "bench/README.md differs from what bench/report.py makes")
+    readme.write_text(text)
