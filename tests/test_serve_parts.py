@@ -523,7 +523,6 @@ def test_request_body_decodes_only_what_is_read_and_sends_the_rest_as_it_came():
     body = b'{"model": "m", "prompt": [1, 2], "steering": {"layers": {"0": {}}},  "n": 2}'
     request = RequestBody.parse(body)
     assert "steering" in request and "capture_layers" not in request
-    assert request.text("steering") == b'{"layers": {"0": {}}}'
     assert request["n"] == 2 and request.get("prompt") == [1, 2] and request.get("absent") is None
     assert request.pop_text("steering") == b'{"layers": {"0": {}}}' and "steering" not in request
     request.set("vllm_xargs", {"ticket": "t1"})

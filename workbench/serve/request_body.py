@@ -25,7 +25,7 @@ _TOP_LEVEL = msgspec.json.Decoder(dict[str, msgspec.Raw])
 
 
 class RequestBody(Mapping[str, Any]):
-    """A JSON object's top-level values as text (``text``), decoded when read (``body[key]``)."""
+    """A JSON object's top-level values as JSON text, each decoded when read (``body[key]``)."""
 
     def __init__(self, texts: dict[str, bytes]) -> None:
         self._texts = texts
@@ -44,10 +44,6 @@ class RequestBody(Mapping[str, Any]):
         if not isinstance(value, dict):
             return None
         return cls({key: json.dumps(item).encode() for key, item in value.items()})
-
-    def text(self, key: str) -> bytes | None:
-        """A value's JSON text as sent (None when absent)."""
-        return self._texts.get(key)
 
     def pop_text(self, key: str) -> bytes | None:
         """Remove a field, returning its JSON text (None when absent)."""
