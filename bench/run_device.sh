@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU tests, benchmarks and profiles on a CUDA host with vLLM on the path.
 #   bash bench/run_device.sh tests   # GPU tests (tests/test_gpu.py, tests/test_triton_steer.py)
-#   bash bench/run_device.sh shapes  # real model shapes on both model runners, in parallel lanes (bench/shape_lanes.py)
+#   bash bench/run_device.sh shapes  # real model shapes on both model runners, several at a time as memory allows (bench/shape_lanes.py)
 #   bash bench/run_device.sh bench   # the GPU benchmark preset
 #   bash bench/run_device.sh layer   # per-layer cost of the steering path (bench/layer_cost.py)
 #   bash bench/run_device.sh profile --requests 1 256   # kernels per step, steered vs plain (bench/profile_steps.py)

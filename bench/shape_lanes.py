@@ -1,14 +1,17 @@
-"""The GPU shape tests (``tests/test_gpu_architectures.py``) in parallel lanes on one GPU.
+"""The GPU shape tests (``tests/test_gpu_architectures.py``) several at a time on one GPU.
 
 An engine start under CUDA graphs takes a minute or more and mostly keeps
 the CPU busy (compiling, capturing graphs), while the GPU holds each shape's
-weights with room to spare: so several pytest processes run at once, each
-taking its shapes one by one (both model runners of a shape in the same lane,
-the second start then finds the first's compiled graphs in vLLM's cache).
-Shapes are spread so that each lane gets a similar number of layers to
-compile. Each lane is interrupted at ``--deadline`` seconds and killed
-``GRACE_S`` later (an engine starting up may not stop sooner); the summary says
-what ran, and each failure's traceback is in its lane's log as soon as it fails.
+weights with room to spare: so up to ``--lanes`` pytest processes run at
+once, one per shape (both model runners of it, the second start finding the
+first's compiled graphs in vLLM's cache). Shapes start heaviest to compile
+first, each as soon as a lane is free and the card has room for it beside
+the shapes running (weights counted from the config: on an 80 GB card
+Qwen3-30B-A3B runs beside the small shapes only). At ``--deadline`` seconds
+running shapes are interrupted and killed ``GRACE_S`` later (an engine
+starting up may not stop sooner), and none starts after it; the summary
+says what ran, and each failure's traceback is in its shape's log as soon
+as it fails.
 
     python3 bench/shape_lanes.py [--lanes 4] [--deadline 500] [--logs DIR] [--shapes REGEX] [-k EXPR]
 """
@@ -25,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from lane_report import OUTCOME
 
 HERE = Path(__file__).parent
@@ -32,29 +36,49 @@ TESTS = "tests/test_gpu_architectures.py"
 GRACE_S = 30.0
 
 
+ENGINE_OVERHEAD_GIB = 2.5
+"""Per engine beside its weights: the test's 1 GiB of KV cache, activations, CUDA graphs, the CUDA context."""
+
+
+def _config(shape: Path) -> dict:
+    return json.loads((shape / "config.json").read_text())
+
+
 def shape_weight(shape: Path) -> int:
     """Rough start-up cost: the layers to compile, MoE layers counted twice."""
-    config = json.loads((shape / "config.json").read_text())
+    config = _config(shape)
     layers = config.get("num_hidden_layers") or config.get("n_layer") or 1
     return layers * (2 if config.get("num_experts") or config.get("num_local_experts") else 1)
 
 
-def lanes_of(shapes: list[Path], count: int) -> list[list[str]]:
-    """Heaviest shape first onto the lightest lane."""
-    lanes: list[tuple[int, list[str]]] = [(0, []) for _ in range(count)]
-    for shape in sorted(shapes, key=shape_weight, reverse=True):
-        index = min(range(count), key=lambda i: lanes[i][0])
-        weight, names = lanes[index]
-        lanes[index] = (weight + shape_weight(shape), [*names, shape.name])
-    return [names for _, names in lanes if names]
+def shape_gib(shape: Path) -> float:
+    """Rough GPU memory of a shape's engine: bf16 weights counted from the config, plus the overhead."""
+    config = _config(shape)
+    hidden = config.get("hidden_size") or config["n_embd"]
+    layers = config.get("num_hidden_layers") or config["n_layer"]
+    heads = config.get("num_attention_heads") or config.get("n_head") or 1
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or hidden // heads
+    attention = hidden * head_dim * (2 * heads + 2 * kv_heads)
+    experts = config.get("num_experts") or config.get("num_local_experts")
+    if experts:
+        mlp = experts * 3 * hidden * (config.get("moe_intermediate_size") or config["intermediate_size"])
+    elif config["architectures"][0].startswith(("GPT2", "GPTNeoX")):  # up and down, no gate
+        mlp = 2 * hidden * (config.get("intermediate_size") or config.get("n_inner") or 4 * hidden)
+    else:
+        mlp = 3 * hidden * config["intermediate_size"]
+    embeddings = config["vocab_size"] * hidden * (1 if config.get("tie_word_embeddings", True) else 2)
+    return 2 * (embeddings + layers * (attention + mlp)) / 2**30 + ENGINE_OVERHEAD_GIB
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lanes", type=int, default=4)
-    parser.add_argument("--deadline", type=float, default=500.0, help="seconds before each lane is interrupted")
-    parser.add_argument("--logs", type=Path, default=Path(os.environ.get("OUT", "/tmp")), help="where lane logs go")
-    parser.add_argument("-k", dest="keyword", help="pytest -k expression applied in every lane")
+    parser.add_argument("--lanes", type=int, default=4, help="shapes running at once, at most")
+    parser.add_argument("--deadline", type=float, default=500.0, help="seconds before running shapes are interrupted")
+    parser.add_argument(
+        "--logs", type=Path, default=Path(os.environ.get("OUT", "/tmp")), help="where each shape's log goes"
+    )
+    parser.add_argument("-k", dest="keyword", help="pytest -k expression applied to every shape")
     parser.add_argument("--shapes", default="", help="regex: only the shapes whose folder name it finds")
     args = parser.parse_args()
     shapes = sorted(
@@ -63,40 +87,58 @@ def main() -> int:
         if (path / "config.json").exists() and re.search(args.shapes, path.name)
     )
     args.logs.mkdir(parents=True, exist_ok=True)
-    processes = []
-    for index, names in enumerate(lanes_of(shapes, args.lanes)):
-        # One shape after another, both runners of each: ``-k`` picks a lane's shapes by name.
-        selection = " or ".join(names)
-        keyword = f"({selection})" + (f" and ({args.keyword})" if args.keyword else "")
-        log = args.logs / f"lane{index}.log"
-        command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "bench.lane_report"]
-        command += ["-rA", "--tb=short", "--durations=0"]
-        command += [TESTS, "-k", keyword]
-        print(f"lane {index}: {', '.join(names)} -> {log}", flush=True)
-        with open(log, "wb") as out:
-            # A session of its own: killing the lane also kills its engine's processes.
-            lane = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-            processes.append((index, log, lane))
-        time.sleep(5)  # staggered: the first seconds of an engine start are the busiest on the CPU
+    card_gib = 0.92 * torch.cuda.mem_get_info()[1] / 2**30
+    waiting = sorted(shapes, key=shape_weight, reverse=True)
+    too_large = [shape.name for shape in waiting if shape_gib(shape) > card_gib]
+    if too_large:
+        print(f"not run, larger than the card's {card_gib:.0f} GiB: {', '.join(too_large)}", flush=True)
+        waiting = [shape for shape in waiting if shape.name not in too_large]
+    running: dict[str, tuple[subprocess.Popen, float]] = {}
+    finished: dict[str, int] = {}
     deadline = time.monotonic() + args.deadline
-    for _, _, process in processes:
-        try:
-            process.wait(max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            process.send_signal(signal.SIGINT)  # pytest reports what ran so far
-    failed = False
-    for index, log, process in processes:
+    while waiting or running:
+        for name, (process, _) in list(running.items()):
+            if process.poll() is not None:
+                finished[name] = process.returncode
+                del running[name]
+        in_use = sum(gib for _, gib in running.values())
+        fits = [shape for shape in waiting if in_use + shape_gib(shape) <= card_gib]
+        if fits and len(running) < args.lanes and time.monotonic() < deadline:
+            shape = fits[0]
+            waiting.remove(shape)
+            running[shape.name] = (start(shape, args), shape_gib(shape))
+            print(f"{shape.name}: started (~{shape_gib(shape):.0f} GiB, {in_use:.0f} in use)", flush=True)
+            time.sleep(5)  # staggered: the first seconds of an engine start are the busiest on the CPU
+            continue
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(1)
+    for process, _ in running.values():
+        process.send_signal(signal.SIGINT)  # pytest reports what ran so far
+    for name, (process, _) in running.items():
         try:
             process.wait(max(1.0, deadline + GRACE_S - time.monotonic()))
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-        failed |= process.returncode != 0
-        text = log.read_text(errors="replace")
+        finished[name] = process.returncode
+    for shape in waiting:
+        print(f"{shape.name}: not started before the deadline")
+    for name, code in finished.items():
+        text = (args.logs / f"{name}.log").read_text(errors="replace")
         for outcome, test in re.findall(rf"^{OUTCOME} (\w+) (\S+)", text, re.MULTILINE):
-            print(f"lane {index}: {outcome} {test.split('::')[-1]}")
-        print(f"lane {index}: exit {process.returncode}")
-    return 1 if failed else 0
+            print(f"{name}: {outcome} {test.split('::')[-1]}")
+        print(f"{name}: exit {code}")
+    return 1 if waiting or any(finished.values()) else 0
+
+
+def start(shape: Path, args: argparse.Namespace) -> subprocess.Popen:
+    """pytest on one shape's tests (both runners), in a session of its own: killing it kills its engine too."""
+    keyword = shape.name + (f" and ({args.keyword})" if args.keyword else "")
+    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "bench.lane_report"]
+    command += ["-rA", "--tb=short", "--durations=0", TESTS, "-k", keyword]
+    with open(args.logs / f"{shape.name}.log", "wb") as out:
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 if __name__ == "__main__":
