@@ -54,6 +54,9 @@ class HostMapped:
 
 def shared_file(size: int) -> tuple[Path, mmap.mmap]:
     folder = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+    stats = os.statvfs(folder)
+    if stats.f_bavail * stats.f_frsize < size:  # pages a full tmpfs cannot give kill the process (SIGBUS)
+        raise SystemExit(f"{folder} has less than the {size / 1e9:.1f} GB this needs; try fewer --layers")
     path = folder / f"capture-direct-{os.getpid()}"
     with open(path, "w+b") as file:
         file.truncate(size)
