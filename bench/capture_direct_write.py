@@ -157,4 +157,7 @@ if __name__ == "__main__":
     print(torch.cuda.get_device_name(), flush=True)
     with torch.inference_mode():
         for count in args.layers:
-            print(json.dumps(measure(count, args.steps)), flush=True)
+            try:
+                print(json.dumps(measure(count, args.steps)), flush=True)
+            except Exception as error:  # an experiment: say what failed and go on with the next size
+                print(json.dumps({"layers": count, "error": f"{type(error).__name__}: {error}"}), flush=True)
