@@ -205,21 +205,16 @@ class LoadGenerator:
         per_process = max(1, concurrency // self.processes)
         # Each share blocks its process until start_at and then for the round: one share per process.
         pending = [self.pool.apply_async(_stream_share, (url, share, per_process, start_at)) for share in shares]
-        streams = [stream for share in pending for stream in share.get()]
+        streams: list[Any] = [None] * len(bodies)
+        for index, share in enumerate(pending):
+            streams[index :: self.processes] = share.get()  # back in the order of ``bodies``
         ended = max(started + (arrivals[-1] if arrivals else 0.0) for started, arrivals, *_ in streams)
         # Requests end with their last event; the round's clock starts at the common start.
-        return ended - start_at, [streams[i] for i in _interleaved_order(len(bodies), self.processes)]
+        return ended - start_at, streams
 
 
 def _announce(started: Any) -> None:
     started.put(os.getpid())
-
-
-def _interleaved_order(count: int, processes: int) -> list[int]:
-    """Where request i (sent by process i % processes, as its (i // processes)-th) is in the concatenation."""
-    sizes = [len(range(p, count, processes)) for p in range(processes)]
-    offsets = [sum(sizes[:p]) for p in range(processes)]
-    return [offsets[i % processes] + i // processes for i in range(count)]
 
 
 def _stream_share(url: str, bodies: list[bytes], concurrency: int, start_at: float) -> list[Stream]:

@@ -88,34 +88,35 @@ def main() -> int:
     )
     args.logs.mkdir(parents=True, exist_ok=True)
     card_gib = 0.92 * torch.cuda.mem_get_info()[1] / 2**30
+    gib = {shape.name: shape_gib(shape) for shape in shapes}
     waiting = sorted(shapes, key=shape_weight, reverse=True)
-    too_large = [shape.name for shape in waiting if shape_gib(shape) > card_gib]
+    too_large = [shape.name for shape in waiting if gib[shape.name] > card_gib]
     if too_large:
         print(f"not run, larger than the card's {card_gib:.0f} GiB: {', '.join(too_large)}", flush=True)
         waiting = [shape for shape in waiting if shape.name not in too_large]
-    running: dict[str, tuple[subprocess.Popen, float]] = {}
+    running: dict[str, subprocess.Popen] = {}
     finished: dict[str, int] = {}
     deadline = time.monotonic() + args.deadline
     while waiting or running:
-        for name, (process, _) in list(running.items()):
+        for name, process in list(running.items()):
             if process.poll() is not None:
                 finished[name] = process.returncode
                 del running[name]
-        in_use = sum(gib for _, gib in running.values())
-        fits = [shape for shape in waiting if in_use + shape_gib(shape) <= card_gib]
+        in_use = sum(gib[name] for name in running)
+        fits = [shape for shape in waiting if in_use + gib[shape.name] <= card_gib]
         if fits and len(running) < args.lanes and time.monotonic() < deadline:
             shape = fits[0]
             waiting.remove(shape)
-            running[shape.name] = (start(shape, args), shape_gib(shape))
-            print(f"{shape.name}: started (~{shape_gib(shape):.0f} GiB, {in_use:.0f} in use)", flush=True)
+            running[shape.name] = start(shape, args)
+            print(f"{shape.name}: started (~{gib[shape.name]:.0f} GiB, {in_use:.0f} in use)", flush=True)
             time.sleep(5)  # staggered: the first seconds of an engine start are the busiest on the CPU
             continue
         if time.monotonic() >= deadline:
             break
         time.sleep(1)
-    for process, _ in running.values():
+    for process in running.values():
         process.send_signal(signal.SIGINT)  # pytest reports what ran so far
-    for name, (process, _) in running.items():
+    for name, process in running.items():
         try:
             process.wait(max(1.0, deadline + GRACE_S - time.monotonic()))
         except subprocess.TimeoutExpired:
@@ -129,7 +130,7 @@ def main() -> int:
         for outcome, test in re.findall(rf"^{OUTCOME} (\w+) (\S+)", text, re.MULTILINE):
             print(f"{name}: {outcome} {test.split('::')[-1]}")
         print(f"{name}: exit {code}")
-    return 1 if waiting or any(finished.values()) else 0
+    return 1 if too_large or waiting or any(finished.values()) else 0
 
 
 def start(shape: Path, args: argparse.Namespace) -> subprocess.Popen:
