@@ -6,8 +6,9 @@ cells and waits for the notebook's scripted turn. The tests then drive the
 page as a user would, in file order (each leaves the page usable for the
 next): three compare turns, the heatmap's hover, a click into the logit
 lens, a bad layer, Stop, the layout at 1280 and 1600 px, a sweep, and a page
-reload with a turn after it. Screenshots go next to the copied notebook (and
-under $WORKBENCH_ARTIFACTS if set).
+reload with a turn after it. A last test opens a small notebook of its own in
+a second tab (its own kernel, no engine). Screenshots go next to the copied
+notebook (and under $WORKBENCH_ARTIFACTS if set).
 """
 
 from __future__ import annotations
@@ -100,36 +101,60 @@ def lab(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def page(lab):
-    """The notebook run top to bottom in Chromium, its scripted turn done."""
-    from playwright.sync_api import expect, sync_playwright
+def browser():
+    from playwright.sync_api import sync_playwright
 
-    url, token, root = lab
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)
-        tab = browser.new_page(viewport={"width": 1600, "height": 1400})
-        tab.root = root
-        console = (root / "console.log").open("w")
-        tab.on("console", lambda message: console.write(f"{message.type}: {message.text}\n"))
-        tab.on("pageerror", lambda error: console.write(f"page error: {error}\n"))
-        tab.add_init_script(REPORT_CAUSES)
-        try:
-            tab.goto(f"{url}/lab/tree/{NOTEBOOK.name}?token={token}")
-            tab.locator(".jp-Notebook").first.wait_for(timeout=60_000)
-            # Run All is ignored until the kernel is up.
-            expect(tab.locator(".jp-StatusBar-TextItem", has_text="Idle").first).to_be_visible(timeout=120_000)
-            tab.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
-            tab.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
-            # The user's message shows at once; the plots once the turn (48 tokens per branch) is done.
-            expect(column(tab, "steered")).to_contain_text("Tell me a fact about cats.", timeout=300_000)
-            expect(tab.locator(".legendtext", has_text="steered").first).to_be_visible(timeout=300_000)
-            yield tab
-            save_screenshot(tab, root / "workbench.png")
-        except BaseException:
-            save_screenshot(tab, root / "failure.png")
-            raise
-        finally:
-            browser.close()
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def page(lab, browser):
+    """The notebook run top to bottom in Chromium, its scripted turn done."""
+    from playwright.sync_api import expect
+
+    url, token, root = lab
+    tab = open_tab(browser, root, "console.log")
+    try:
+        open_notebook(tab, f"{url}/lab/tree/{NOTEBOOK.name}?token={token}")
+        run_all(tab)
+        # The user's message shows at once; the plots once the turn (48 tokens per branch) is done.
+        expect(column(tab, "steered")).to_contain_text("Tell me a fact about cats.", timeout=300_000)
+        expect(tab.locator(".legendtext", has_text="steered").first).to_be_visible(timeout=300_000)
+        yield tab
+        save_screenshot(tab, root / "workbench.png")
+    except BaseException:
+        save_screenshot(tab, root / "failure.png")
+        raise
+    finally:
+        tab.close()
+
+
+def open_tab(browser, root: Path, log: str):
+    """A new tab whose console (and widget errors' causes) go to ``root / log``."""
+    tab = browser.new_page(viewport={"width": 1600, "height": 1400})
+    tab.root = root
+    console = (root / log).open("w")
+    tab.on("console", lambda message: console.write(f"{message.type}: {message.text}\n"))
+    tab.on("pageerror", lambda error: console.write(f"page error: {error}\n"))
+    tab.add_init_script(REPORT_CAUSES)
+    return tab
+
+
+def open_notebook(tab, url: str) -> None:
+    """Open the notebook at ``url`` and wait for its kernel (Run All is ignored until it is up)."""
+    from playwright.sync_api import expect
+
+    tab.goto(url)
+    tab.locator(".jp-Notebook").first.wait_for(timeout=60_000)
+    expect(tab.locator(".jp-StatusBar-TextItem", has_text="Idle").first).to_be_visible(timeout=120_000)
+
+
+def run_all(tab) -> None:
+    tab.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
+    tab.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
 
 
 REPORT_CAUSES = """for (const kind of ['error', 'unhandledrejection']) window.addEventListener(kind, event => {
@@ -273,6 +298,20 @@ def all_plot_data(page) -> list:
     )
 
 
+def wait_for_plot_data(page) -> None:
+    """Wait until every plot has traces; name the plots that never got any."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_function(
+            "() => Array.from(document.querySelectorAll('.js-plotly-plot')).every(p => p.data && p.data.length)",
+            timeout=30_000,
+        )
+    except PlaywrightTimeout:
+        titles = [title for title, *traces in all_plot_data(page) if not traces]
+        raise AssertionError(f"plots without data after 30 s: {titles}") from None
+
+
 def plot_values(page) -> list:
     """(title, the traces' y and z as JSON) of every plot."""
     return page.evaluate(
@@ -295,7 +334,11 @@ OVERFLOW = """() => {
   for (const plot of document.querySelectorAll('.wb-root .js-plotly-plot')) {
     const svg = plot.querySelector('.main-svg');
     const cell = plot.parentElement.getBoundingClientRect();
-    if (svg && svg.getBoundingClientRect().right > cell.right + 1) out.push('a plot is wider than its cell');
+    if (svg && svg.getBoundingClientRect().right > cell.right + 1) {
+      const title = plot.querySelector('.gtitle')?.textContent;
+      const [width, room] = [svg.getBoundingClientRect().width, cell.width].map(Math.round);
+      out.push(`plot '${title}' (${(plot.data || []).length} traces) is ${width}px, its cell ${room}px`);
+    }
   }
   return out;
 }"""
@@ -330,10 +373,7 @@ def test_a_reload_restores_every_plot_and_the_next_turn_reaches_them(page):
     button(page, "Run sweep").click()
     expect(page.locator(".wb-sweep").first).to_be_visible(timeout=TURN_S)
     # The sweep's table and its plot reach the page as separate widget messages: wait for the plot too.
-    page.wait_for_function(
-        "() => Array.from(document.querySelectorAll('.js-plotly-plot')).every(p => p.data && p.data.length)",
-        timeout=30_000,
-    )
+    wait_for_plot_data(page)
     save_screenshot(page, page.root / "sweep.png", page.locator(".wb-sweep-panel").first)
     before = all_plot_data(page)
     assert len(before) == 6 and all(len(traces) > 1 for traces in before), before
@@ -342,10 +382,7 @@ def test_a_reload_restores_every_plot_and_the_next_turn_reaches_them(page):
     page.reload()
     page.locator(".jp-Notebook").first.wait_for(timeout=60_000)
     page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot').length >= 6", timeout=60_000)
-    page.wait_for_function(
-        "() => Array.from(document.querySelectorAll('.js-plotly-plot')).every(p => p.data && p.data.length)",
-        timeout=30_000,
-    )
+    wait_for_plot_data(page)
     assert all_plot_data(page) == before
     # The restored plots still take the kernel's updates: a new turn redraws every activation plot.
     values = plot_values(page)
@@ -362,3 +399,44 @@ def test_a_reload_restores_every_plot_and_the_next_turn_reaches_them(page):
     assert [title for title, value in values if after[title] == value] == [
         title for title, _ in values if "against scale" in title
     ]
+
+
+EDITED_AT_ONCE = """import plotly.graph_objects as go
+from workbench.notebook import plot_widget
+
+# plotly's bundle made to finish loading on the page 3 s late, as on a busy machine: the
+# figure and its edits below arrive before it.
+late = "await new Promise((done) => setTimeout(done, 3000));\\n"
+plot_widget._bundle_text = lambda text=plot_widget._bundle_text(): late + text
+
+figure = plot_widget.PlotWidget(go.Figure(go.Scatter(y=[1, 3, 2], name="drawn")))
+display(figure)
+figure.add_trace(go.Scatter(y=[2, 1, 3], name="added"))
+figure.update_layout(title_text="edited at once");"""
+
+
+def test_a_figure_edited_before_plotly_loads_draws_every_edit(lab, browser):
+    """Edits that reach the page while plotly's code is still loading are drawn once it is
+    loaded (the figure's start-up returns at once, within anywidget's 2-second limit)."""
+    import nbformat
+
+    url, token, root = lab
+    notebook = nbformat.v4.new_notebook(
+        cells=[nbformat.v4.new_code_cell(EDITED_AT_ONCE)],
+        metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+    )
+    nbformat.write(notebook, root / "late_plotly.ipynb")
+    tab = open_tab(browser, root, "late-plotly-console.log")
+    try:
+        # A workspace of its own: the default one would also open the workbench notebook here.
+        open_notebook(tab, f"{url}/lab/workspaces/late/tree/late_plotly.ipynb?reset&token={token}")
+        run_all(tab)
+        tab.wait_for_function(
+            "() => document.querySelector('.js-plotly-plot .gtitle')?.textContent === 'edited at once'",
+            timeout=120_000,
+        )
+        names = tab.evaluate("() => document.querySelector('.js-plotly-plot').data.map(t => t.name)")
+        assert names == ["drawn", "added"]
+    finally:
+        save_screenshot(tab, root / "late-plotly.png")
+        tab.close()

@@ -70,20 +70,61 @@ _FIGURE_ESM = (
     _SHARED
     + """
 const KEY = %s;
-const WAIT_MS = 1500;
+const EDITS = %s;
+
+// plotly's model code, told of an edit, reads it with model.get(name). A kept edit is replayed
+// through a view of the model that shows it as current, to plotly's own listeners only.
+function replayable(model) {
+  const shown = new Map();
+  const listeners = [];
+  let recording = true;
+  const seen = new Proxy(model, {
+    get(target, prop) {
+      if (prop === "get") return (name) => (shown.has(name) ? shown.get(name) : target.get(name));
+      if (prop === "on")
+        return (event, listener) => {
+          if (recording) listeners.push([event, listener]);
+          target.on(event, listener);
+        };
+      const value = Reflect.get(target, prop);
+      return typeof value === "function" ? value.bind(target) : value;
+    },
+  });
+  const replay = (edits) => {
+    recording = false;
+    for (const [name, value] of edits) {
+      shown.set(name, value);
+      for (const [event, listener] of listeners) if (event === `change:${name}`) listener(seen, value);
+      shown.delete(name);
+    }
+  };
+  return { seen, replay };
+}
 
 export default () => {
   let loaded;
   return {
     initialize(context) {
+      const { model } = context;
+      // Edits that arrive before plotly's code are kept for its model code, which keeps the
+      // figure that views draw. A whole figure from the kernel already holds the edits before it.
+      const early = [];
+      const keep = (name) => () => model.get(name) !== null && early.push([name, model.get(name)]);
+      const listening = [
+        ...EDITS.map((name) => [`change:${name}`, keep(name)]),
+        ...["change:_widget_data", "change:_widget_layout"].map((event) => [event, () => (early.length = 0)]),
+      ];
+      for (const [event, listener] of listening) model.on(event, listener);
       loaded = shared(KEY).promise.then(async ({ module, plotly }) => {
         const figure = await module.default();
-        await figure.initialize?.(context);
+        const { seen, replay } = replayable(model);
+        await figure.initialize?.({ ...context, model: seen });
+        for (const [event, listener] of listening) model.off(event, listener);
+        replay(early);
         return { figure, plotly };
       });
-      // anywidget gives initialize 2 s and then ignores the kernel's messages to this model for
-      // good; the views wait for the bundle in any case.
-      return Promise.race([loaded, new Promise((resolve) => setTimeout(resolve, WAIT_MS))]);
+      // Returns at once: anywidget drops every later message to a model whose initialize has not
+      // returned 2 s after the model was made, and a busy page can take longer to load plotly.
     },
     async render(context) {
       const { figure, plotly } = await loaded;
@@ -117,9 +158,12 @@ export default () => {
 )
 """Each figure: plotly's widget code from the shared bundle, fitted to its element's width.
 
-``initialize`` waits for the bundle (so plotly's model code sees the kernel's
-first messages) but returns before anywidget's limit: past it, anywidget
-would drop every later message to the figure."""
+``initialize`` returns before the bundle is loaded (anywidget's 2-second
+limit) and keeps the kernel's edits that arrive meanwhile (``EDITS``, plotly's
+``_py2js_*`` messages) for plotly's model code, which sees them once loaded."""
+
+_EDITS = sorted(name for name in go.FigureWidget.class_trait_names() if name.startswith("_py2js_"))
+"""The traits through which plotly's ``FigureWidget`` sends the kernel's edits to the page."""
 
 
 def _bundle_text() -> str:
@@ -159,7 +203,7 @@ class PlotWidget(go.FigureWidget):
         widget  # displays it
     """
 
-    _esm = _FIGURE_ESM % json.dumps(BUNDLE_KEY)
+    _esm = _FIGURE_ESM % (json.dumps(BUNDLE_KEY), json.dumps(_EDITS))
 
     def __init__(self, data: Any = None, **kwargs: Any) -> None:
         plotly_bundle()  # on the page before the first figure that waits for it
