@@ -34,7 +34,7 @@ class RequestBody(Mapping[str, Any]):
     @classmethod
     def parse(cls, body: bytes) -> RequestBody | None:
         """The body split at its top level; None when it is not a JSON object."""
-        texts = top_level(body)
+        texts = _top_level(body)
         if texts is not None:
             return cls(texts)
         try:
@@ -73,7 +73,7 @@ class RequestBody(Mapping[str, Any]):
         return len(self._texts)
 
 
-def top_level(text: bytes) -> dict[str, bytes] | None:
+def _top_level(text: bytes) -> dict[str, bytes] | None:
     """A JSON object's values as JSON text, by key; None when ``text`` is not a JSON object
     in strict JSON (``NaN``, ``1e999`` and lone surrogates are not)."""
     try:

@@ -27,7 +27,7 @@ import torch
 
 from workbench.errors import CaptureError, LayerIndexError, SpecError
 from workbench.remote import ROLE_TARGETING_NOT_SERVED
-from workbench.serve.request_body import decode_field, top_level
+from workbench.serve.request_body import decode_field
 from workbench.serve.spec_store import SPEC, SpecStore
 from workbench.specs import AddSpec, LayerSteeringSpec, SteeringSpec, check_layer_index
 
@@ -99,9 +99,10 @@ class RecentSpecs:
         if hit is not None and (hit[1] is None or store.version(hit[1]) == hit[2]):
             self._specs.move_to_end(text)
             return hit[0]
-        name = _referenced_name(text)
+        value = decode_field(text, STEERING_FIELD)
+        name = _referenced_name(value)
         version = None if name is None else store.version(name)
-        spec = parse_steering(decode_field(text, STEERING_FIELD), model, store)
+        spec = parse_steering(value, model, store)
         if hit is None:
             self._held += len(text)
         self._specs[text] = (spec, name, version)
@@ -112,14 +113,10 @@ class RecentSpecs:
         return spec
 
 
-def _referenced_name(text: bytes) -> str | None:
-    """The stored name a ``steering`` text refers to, if it is a reference (a
-    spec's text holds its vectors: only its top-level keys are read)."""
-    if text.startswith(b'"'):
-        value = decode_field(text, STEERING_FIELD)
-    else:
-        value = top_level(text) or {}
-        value = decode_field(value["name"], STEERING_FIELD) if "name" in value else None
+def _referenced_name(value: Any) -> str | None:
+    """The stored name a ``steering`` value refers to: a name, or a reference's ``name``."""
+    if isinstance(value, Mapping):
+        value = value.get("name")
     return value if isinstance(value, str) else None
 
 
